@@ -1,0 +1,134 @@
+//! [`Runtime`]: the process skeleton every binary shares.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Endpoints};
+use crate::{CommonArgs, Error, Readiness, Result, shutdown, telemetry};
+
+/// Background work may take this long to notice cancellation before it is
+/// aborted; together with the HTTP servers' prompt exit this keeps shutdown
+/// well under the one second a rolling update expects.
+const GRACE: Duration = Duration::from_millis(300);
+
+/// Client, readiness, metrics and background tasks of one process.
+pub struct Runtime {
+    pub component: &'static str,
+    pub client: Client,
+    pub readiness: Readiness,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+    pub(crate) tasks: JoinSet<()>,
+    args: CommonArgs,
+}
+
+impl Runtime {
+    /// Sets up logging, the API client and signal handling.
+    pub async fn start(component: &'static str, args: &CommonArgs) -> Result<Self> {
+        telemetry::init(args.log_format);
+        let client = connect(args).await?;
+        let shutdown = shutdown::on_signal().map_err(|source| Error::Bind {
+            what: "signal handlers",
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
+        tracing::info!(component, version = env!("CARGO_PKG_VERSION"), "starting");
+        Ok(Self {
+            component,
+            client,
+            readiness: Readiness::default(),
+            registry: crate::metrics::registry(component),
+            shutdown,
+            tasks: JoinSet::new(),
+            args: args.clone(),
+        })
+    }
+
+    /// Runs `task` in the background until shutdown.
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Serves metrics and health, runs `work` and the background tasks, and
+    /// returns once a signal arrives or `work` ends.
+    pub async fn run(mut self, work: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let state = Arc::new(http::State {
+            registry: std::mem::take(&mut self.registry),
+            readiness: self.readiness.clone(),
+        });
+        let (metrics, health) = (self.args.metrics_addr, self.args.health_addr);
+        if metrics == health {
+            let both = Endpoints {
+                metrics: true,
+                health: true,
+            };
+            let server = http::bind(metrics, both, state, self.shutdown.clone()).await?;
+            self.tasks.spawn(server);
+        } else {
+            let only_metrics = Endpoints {
+                metrics: true,
+                health: false,
+            };
+            let only_health = Endpoints {
+                metrics: false,
+                health: true,
+            };
+            let m = http::bind(metrics, only_metrics, state.clone(), self.shutdown.clone()).await?;
+            let h = http::bind(health, only_health, state, self.shutdown.clone()).await?;
+            self.tasks.spawn(m);
+            self.tasks.spawn(h);
+        }
+        let work = self.tasks.spawn(work);
+        let shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = async {
+                // Only the main work ending stops the process; a background
+                // task ending (e.g. a watch stream closed by the server) is
+                // logged by its own wrapper.
+                while let Some(done) = self.tasks.join_next_with_id().await {
+                    if matches!(&done, Ok((id, _)) if *id == work.id()) {
+                        return;
+                    }
+                }
+            } => {
+                tracing::info!(component = self.component, "main loop ended");
+                shutdown.cancel();
+            }
+        }
+        let _ = tokio::time::timeout(GRACE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.shutdown().await;
+        tracing::info!(component = self.component, "stopped");
+        Ok(())
+    }
+}
+
+async fn connect(args: &CommonArgs) -> Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        None => Config::infer().await.map_err(Error::InferConfig)?,
+    };
+    tracing::info!(server = %config.cluster_url, "API server");
+    Client::try_from(config).map_err(Error::Client)
+}

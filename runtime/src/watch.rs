@@ -1,0 +1,55 @@
+//! Watch caches (kube-runtime reflectors) whose first full list opens a
+//! readiness gate.
+
+use std::fmt::Debug;
+
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+
+use crate::Runtime;
+
+impl Runtime {
+    /// Starts a cache of every object `api` sees. `/readyz` reports not ready
+    /// until its first list has completed. Watch errors are retried with
+    /// backoff and logged; they never end the process.
+    pub fn watch<K>(&mut self, api: Api<K>, what: &'static str) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (reader, writer) = reflector::store();
+        let gate = self.readiness.gate(what);
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        self.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(error) = event {
+                    tracing::warn!(%error, resource = what, "watch failed; retrying with backoff");
+                }
+            }
+            tracing::warn!(resource = what, "watch stream ended");
+        });
+        let synced = reader.clone();
+        self.spawn(async move {
+            if synced.wait_until_ready().await.is_ok() {
+                tracing::info!(
+                    resource = what,
+                    objects = synced.state().len(),
+                    "cache synced"
+                );
+                gate.open();
+            }
+        });
+        reader
+    }
+}

@@ -1,0 +1,131 @@
+//! FerroLB's own components in the lab: where their binaries are, the
+//! manifests they need (CRDs, the chart's RBAC), their ServiceAccount tokens
+//! and their command lines.
+
+use std::path::{Path, PathBuf};
+
+use crate::addresses;
+use crate::names::{Component, Kind};
+
+pub const NAMESPACE: &str = "ferrolb-system";
+/// Tokens are long-lived: a lab may stay up for days of benchmarking.
+pub const TOKEN_DURATION: &str = "8760h";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn crd_dir() -> PathBuf {
+    repo_root().join("crds/manifests")
+}
+
+pub fn rbac_path() -> PathBuf {
+    repo_root().join("charts/ferrolb/templates/rbac.yaml")
+}
+
+/// The CRD manifests (`crds/manifests/*.yaml`), sorted; empty if none are generated yet.
+pub fn crd_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(crd_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The chart's only templating is the release namespace.
+pub fn render_rbac(template: &str) -> String {
+    let mut out = template.to_string();
+    for pat in [
+        "{{ .Release.Namespace }}",
+        "{{.Release.Namespace}}",
+        "{{ .Release.Namespace}}",
+        "{{.Release.Namespace }}",
+    ] {
+        out = out.replace(pat, NAMESPACE);
+    }
+    out
+}
+
+pub fn binary_name(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Controller => Some("ferrolb-controller"),
+        Kind::Speaker => Some("ferrolb-speaker"),
+        Kind::Proxy => Some("ferrolb-proxy"),
+        _ => None,
+    }
+}
+
+/// ServiceAccount each component runs as (bound by the chart's RBAC).
+pub fn service_account(kind: Kind) -> Option<&'static str> {
+    binary_name(kind)
+}
+
+/// Metrics and health addresses: the controller on the control-plane address,
+/// per-node components on their node's LAN address, so ports never collide.
+pub fn listen_addrs(c: &Component) -> (String, String) {
+    let ip = match c.node {
+        Some(n) => addresses::node_v4(n),
+        None => addresses::control_plane_v4(),
+    };
+    let base = match c.kind {
+        Kind::Proxy => 7474,
+        _ => 7472,
+    };
+    (format!("{ip}:{base}"), format!("{ip}:{}", base + 10))
+}
+
+pub fn args(c: &Component, kubeconfig: &Path) -> Vec<String> {
+    let (metrics, health) = listen_addrs(c);
+    let mut a = vec![
+        "--kubeconfig".to_string(),
+        kubeconfig.display().to_string(),
+        "--metrics-addr".into(),
+        metrics,
+        "--health-addr".into(),
+        health,
+        "--log-format".into(),
+        "text".into(),
+    ];
+    if let Some(n) = c.node {
+        a.push("--node-name".into());
+        a.push(crate::names::node_name(n));
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbac_namespace_is_substituted() {
+        let t = "metadata:\n  namespace: {{ .Release.Namespace }}\n---\nnamespace: {{.Release.Namespace}}\n";
+        let r = render_rbac(t);
+        assert!(!r.contains("{{"), "{r}");
+        assert_eq!(r.matches(NAMESPACE).count(), 2);
+    }
+
+    #[test]
+    fn listen_addresses_do_not_collide() {
+        let all = [
+            Component::new(Kind::Controller, None),
+            Component::new(Kind::Speaker, Some(1)),
+            Component::new(Kind::Proxy, Some(1)),
+            Component::new(Kind::Speaker, Some(2)),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for c in &all {
+            let (m, h) = listen_addrs(c);
+            assert!(seen.insert(m) && seen.insert(h), "{c}");
+        }
+        let a = args(&all[1], Path::new("/k"));
+        assert!(a.windows(2).any(|w| w == ["--node-name", "node-1"]));
+    }
+}

@@ -1,0 +1,223 @@
+//! A handle on a running lab for tests: it drives the real `ferrolb-lab`
+//! binary, so tests exercise exactly what users run.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use ferrolb_lab::lab::{Lab, LabEnvironment};
+//! use ferrolb_lab::state::UpOptions;
+//! if let LabEnvironment::Skip(why) = LabEnvironment::check() { eprintln!("skipped: {why}"); return Ok(()); }
+//! let lab = Lab::up(env!("CARGO_BIN_EXE_ferrolb-lab").as_ref(), "flbt", &UpOptions::default())?;
+//! let out = lab.kubectl(&["get", "nodes"]);
+//! lab.down()?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::addresses::IpFamily;
+use crate::components;
+use crate::control_plane;
+use crate::kubectl::Kubectl;
+use crate::names::{Prefix, Target};
+use crate::state::{ProxyMode, StateDir, UpOptions};
+
+/// Set to 1 to skip lab tests on machines without root or netns support.
+pub const SKIP_ENV: &str = "FERROLB_SKIP_LAB";
+
+pub enum LabEnvironment {
+    Ready,
+    /// FERROLB_SKIP_LAB=1 and the lab cannot run here.
+    Skip(String),
+}
+
+impl LabEnvironment {
+    /// Panics (fails the test) with the reason when the lab cannot run here,
+    /// unless FERROLB_SKIP_LAB=1 asks to skip instead.
+    pub fn check() -> Self {
+        let problem = match crate::commands::require_root() {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => {
+                let probe = format!("ferrolb-probe-{}", std::process::id());
+                match crate::netns::ip(&["netns", "add", &probe]) {
+                    Ok(()) => {
+                        let _ = crate::netns::ip(&["netns", "del", &probe]);
+                        None
+                    }
+                    Err(e) => Some(format!("cannot create a network namespace: {e}")),
+                }
+            }
+        };
+        match problem {
+            None => LabEnvironment::Ready,
+            Some(p) if std::env::var(SKIP_ENV).as_deref() == Ok("1") => LabEnvironment::Skip(p),
+            Some(p) => panic!(
+                "the lab cannot run here: {p}. Run as root with iproute2, or set {SKIP_ENV}=1 to skip lab tests."
+            ),
+        }
+    }
+}
+
+pub struct Lab {
+    pub prefix: Prefix,
+    exe: PathBuf,
+    state: StateDir,
+    kubectl: Kubectl,
+}
+
+fn up_args(opts: &UpOptions) -> Vec<String> {
+    let mut a = vec!["up".to_string(), "--nodes".into(), opts.nodes.to_string()];
+    a.push("--ip-family".into());
+    a.push(
+        match opts.ip_family {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Dual => "dual",
+        }
+        .into(),
+    );
+    a.push("--proxy".into());
+    a.push(
+        match opts.proxy {
+            ProxyMode::Ferrolb => "ferrolb",
+            ProxyMode::KubeProxy => "kube-proxy",
+            ProxyMode::None => "none",
+        }
+        .into(),
+    );
+    if !opts.ferrolb {
+        a.push("--no-ferrolb".into());
+    }
+    a
+}
+
+impl Lab {
+    /// Runs `ferrolb-lab --prefix PREFIX up ...` (progress shows on stderr) and
+    /// returns a handle once the lab is up.
+    pub fn up(exe: &Path, prefix: &str, opts: &UpOptions) -> Result<Lab> {
+        let lab = Lab::attach(exe, prefix)?;
+        let out = lab.cli_with(&up_args(opts), Stdio::inherit())?;
+        if !out.status.success() {
+            bail!("ferrolb-lab up failed ({})", out.status);
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        let want = format!("export KUBECONFIG={}", lab.kubeconfig_path().display());
+        if last != want {
+            bail!("ferrolb-lab up's last line was {last:?}, expected {want:?}");
+        }
+        Ok(lab)
+    }
+
+    /// A handle on a lab that may or may not be up (for `down` after a crash).
+    pub fn attach(exe: &Path, prefix: &str) -> Result<Lab> {
+        let prefix: Prefix = prefix.parse()?;
+        let state = StateDir::new(&prefix);
+        let cp_bin = control_plane::bin_dir(&control_plane::versions()?);
+        let kubectl = Kubectl::new(&cp_bin, &state.admin_kubeconfig());
+        Ok(Lab {
+            prefix,
+            exe: exe.to_path_buf(),
+            state,
+            kubectl,
+        })
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.state.admin_kubeconfig()
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    fn cli_with(&self, args: &[String], stderr: Stdio) -> Result<Output> {
+        Command::new(&self.exe)
+            .arg("--prefix")
+            .arg(self.prefix.as_str())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .output()
+            .with_context(|| format!("running {}", self.exe.display()))
+    }
+
+    /// Runs a `ferrolb-lab` subcommand against this lab, e.g. `["kill", "speaker@node-1"]`.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.cli_with(&args, Stdio::piped())
+    }
+
+    /// Runs kubectl with the admin kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl.output(args, None).unwrap_or_else(|e| Output {
+            status: failed_status(),
+            stdout: Vec::new(),
+            stderr: e.to_string().into_bytes(),
+        })
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        Ok(self.kubectl.run(args, None)?)
+    }
+
+    /// Applies a manifest given as text.
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        Ok(self.kubectl.apply(manifest)?)
+    }
+
+    /// Runs `cmd` in `client`, `node-N` or `pod/NS/NAME`.
+    pub fn exec(&self, target: &str, cmd: &[&str]) -> Result<Output> {
+        let t: Target = target.parse()?;
+        Command::new("ip")
+            .args(["netns", "exec", &t.netns(&self.prefix)])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ip netns exec")
+    }
+
+    /// A kube client with admin rights.
+    pub async fn client(&self) -> Result<kube::Client> {
+        crate::supervisor::kube_client(&self.kubeconfig_path()).await
+    }
+
+    /// Applies `crds/manifests/*.yaml` and waits until each is Established.
+    /// Returns the files applied (empty if none are generated yet).
+    pub fn apply_crds(&self) -> Result<Vec<PathBuf>> {
+        let files = components::crd_files();
+        for f in &files {
+            let p = f.display().to_string();
+            self.kubectl.run(
+                &["apply", "--server-side", "--force-conflicts", "-f", &p],
+                None,
+            )?;
+            self.kubectl.run(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=30s",
+                    "-f",
+                    &p,
+                ],
+                None,
+            )?;
+        }
+        Ok(files)
+    }
+
+    pub fn down(&self) -> Result<()> {
+        let out = self.cli_with(&["down".to_string()], Stdio::inherit())?;
+        if !out.status.success() {
+            bail!("ferrolb-lab down failed ({})", out.status);
+        }
+        Ok(())
+    }
+}
+
+fn failed_status() -> std::process::ExitStatus {
+    Command::new("false").status().unwrap_or_default()
+}

@@ -1,0 +1,358 @@
+//! Tests of the lab itself, as root, against the real control plane.
+//!
+//! One lab for the whole binary, driven through named steps in order, because
+//! a lab owns fixed addresses (198.18.0.1) and takes seconds to start. Needs
+//! root and network namespaces; set FERROLB_SKIP_LAB=1 to skip elsewhere.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use ferrolb_lab::echo::parse_reply;
+use ferrolb_lab::lab::{Lab, LabEnvironment};
+use ferrolb_lab::names::Prefix;
+use ferrolb_lab::state::{ProxyMode, StateDir, UpOptions};
+use ferrolb_lab::{netns, process};
+
+/// Distinct from the default `flb`, so a user's lab is never touched.
+const PREFIX: &str = "flbtlab";
+
+const WORKLOAD: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: labtest, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: labtest}}
+  template:
+    metadata: {labels: {app: labtest}}
+    spec:
+      terminationGracePeriodSeconds: 3
+      containers:
+      - name: web
+        image: registry.invalid/never-pulled
+        ports: [{containerPort: 8080}, {containerPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: labtest, namespace: default}
+spec:
+  selector: {app: labtest}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pinned-1, namespace: default, labels: {app: pinned}}
+spec:
+  nodeName: node-1
+  containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pinned-2, namespace: default, labels: {app: pinned}}
+spec:
+  nodeName: node-2
+  containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
+";
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferrolb-lab"))
+}
+
+fn step(name: &str) -> Instant {
+    eprintln!("\n=== step: {name}");
+    Instant::now()
+}
+
+fn done(t: Instant) {
+    eprintln!("    ok ({:.1}s)", t.elapsed().as_secs_f64());
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    let mut last_note = Instant::now();
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if start.elapsed() > timeout => {
+                return Err(e.context(format!("waiting for {what}")));
+            }
+            Err(_) => {}
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {}s waiting for {what}", timeout.as_secs());
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "    still waiting for {what} ({}s)",
+                start.elapsed().as_secs()
+            );
+            last_note = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn pod_ip(lab: &Lab, name: &str) -> Result<String> {
+    Ok(lab
+        .kubectl_ok(&[
+            "get",
+            "pod",
+            name,
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])?
+        .trim()
+        .to_string())
+}
+
+/// Every address published in the Service's EndpointSlices with their `ready` flag.
+fn endpoint_ips(lab: &Lab, service: &str) -> Result<Vec<(String, bool)>> {
+    let out = lab.kubectl_ok(&[
+        "get",
+        "endpointslices",
+        "-n",
+        "default",
+        "-l",
+        &format!("kubernetes.io/service-name={service}"),
+        "-o",
+        "json",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut ips = Vec::new();
+    for slice in v["items"].as_array().into_iter().flatten() {
+        for ep in slice["endpoints"].as_array().into_iter().flatten() {
+            let ready = ep["conditions"]["ready"].as_bool().unwrap_or(false);
+            for a in ep["addresses"].as_array().into_iter().flatten() {
+                ips.push((a.as_str().unwrap_or_default().to_string(), ready));
+            }
+        }
+    }
+    ips.sort();
+    Ok(ips)
+}
+
+fn curl(lab: &Lab, from: &str, url: &str) -> Result<(String, std::net::SocketAddr)> {
+    let out = lab.exec(from, &["curl", "-s", "-m", "3", url])?;
+    let body = stdout(&out);
+    parse_reply(&body).with_context(|| {
+        format!(
+            "curl {url} from {from}: {:?} {}",
+            body,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn lab_cycle() -> Result<()> {
+    let opts = UpOptions {
+        nodes: 2,
+        proxy: ProxyMode::None,
+        ferrolb: false,
+        ..UpOptions::default()
+    };
+    let prefix: Prefix = PREFIX.parse()?;
+
+    let t = step("clean slate (a previous run of this test may have crashed)");
+    Lab::attach(exe(), PREFIX)?.down()?;
+    done(t);
+
+    let t = step("up: control plane comes up");
+    let lab = Lab::up(exe(), PREFIX, &opts)?;
+    let up_time = t.elapsed();
+    ensure!(
+        lab.kubectl_ok(&["get", "--raw", "/readyz"])?.trim() == "ok",
+        "apiserver not ready"
+    );
+    let nodes = lab.kubectl_ok(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}"])?;
+    ensure!(nodes.trim() == "node-1=True node-2=True", "nodes: {nodes}");
+    let cidr = lab.kubectl_ok(&["get", "node", "node-2", "-o", "jsonpath={.spec.podCIDR}"])?;
+    ensure!(cidr == "198.19.2.0/24", "podCIDR of node-2: {cidr}");
+    done(t);
+
+    let t =
+        step("a Deployment's pods become Ready and their netns IPs appear in the EndpointSlice");
+    lab.apply(WORKLOAD)?;
+    lab.kubectl_ok(&[
+        "rollout",
+        "status",
+        "deployment/labtest",
+        "-n",
+        "default",
+        "--timeout=90s",
+    ])?;
+    lab.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=pinned",
+        "-n",
+        "default",
+        "--timeout=60s",
+    ])?;
+    let names = lab.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        "app=labtest",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    let names: Vec<&str> = names.split_whitespace().collect();
+    ensure!(names.len() == 3, "pods: {names:?}");
+    let mut want = BTreeSet::new();
+    for name in &names {
+        let ip = pod_ip(&lab, name)?;
+        // The IP the API shows is really configured inside that pod's netns.
+        let addrs = stdout(&lab.exec(
+            &format!("pod/default/{name}"),
+            &["ip", "-o", "addr", "show", "dev", "eth0"],
+        )?);
+        ensure!(
+            addrs.contains(&format!(" {ip}/")),
+            "{name}: {ip} not in its netns: {addrs}"
+        );
+        want.insert(ip);
+    }
+    wait_until(
+        "the EndpointSlice to list the 3 pod IPs as ready",
+        Duration::from_secs(30),
+        || {
+            let got: BTreeSet<String> = endpoint_ips(&lab, "labtest")?
+                .into_iter()
+                .filter(|(_, r)| *r)
+                .map(|(ip, _)| ip)
+                .collect();
+            Ok(got == want)
+        },
+    )?;
+    done(t);
+
+    let t = step("the client reaches a pod IP through the node routes (TCP and UDP)");
+    let target = names[0];
+    let ip = pod_ip(&lab, target)?;
+    let (pod, client) = curl(&lab, "client", &format!("http://{ip}:8080/"))?;
+    ensure!(pod == target, "answered by {pod}, expected {target}");
+    ensure!(
+        client.ip().to_string() == "198.18.0.100",
+        "source not preserved: {client}"
+    );
+    let udp = lab.exec(
+        "client",
+        &["sh", "-c", &format!("echo hi | socat -t2 - UDP:{ip}:5353")],
+    )?;
+    let (pod, _) =
+        parse_reply(&stdout(&udp)).with_context(|| format!("udp reply: {:?}", stdout(&udp)))?;
+    ensure!(pod == target, "udp answered by {pod}");
+    done(t);
+
+    let t = step("a pod on node-1 reaches a pod on node-2");
+    let (ip1, ip2) = (pod_ip(&lab, "pinned-1")?, pod_ip(&lab, "pinned-2")?);
+    ensure!(
+        ip1.starts_with("198.19.1.") && ip2.starts_with("198.19.2."),
+        "{ip1} {ip2}"
+    );
+    let (pod, client) = curl(&lab, "pod/default/pinned-1", &format!("http://{ip2}:8080/"))?;
+    ensure!(
+        pod == "pinned-2" && client.ip().to_string() == ip1,
+        "{pod} saw {client}"
+    );
+    done(t);
+
+    let t = step("readiness annotation and graceful deletion show in the EndpointSlice");
+    lab.kubectl_ok(&[
+        "annotate",
+        "pod",
+        target,
+        "-n",
+        "default",
+        "lab.ferrolb.io/ready=false",
+    ])?;
+    wait_until(
+        "the annotated pod to be unready in the EndpointSlice",
+        Duration::from_secs(20),
+        || Ok(endpoint_ips(&lab, "labtest")?.contains(&(ip.clone(), false))),
+    )?;
+    lab.kubectl_ok(&["delete", "pod", target, "-n", "default", "--wait=false"])?;
+    let gone = Instant::now();
+    wait_until(
+        "the deleted pod to leave the EndpointSlice",
+        Duration::from_secs(30),
+        || Ok(!endpoint_ips(&lab, "labtest")?.iter().any(|(i, _)| *i == ip)),
+    )?;
+    // terminationGracePeriodSeconds is 3: the endpoint must not vanish at once.
+    ensure!(
+        gone.elapsed() >= Duration::from_secs(2),
+        "pod left after {:?}, before its grace period",
+        gone.elapsed()
+    );
+    ensure!(
+        !netns::netns_exists(&prefix.pod_netns("default", target)),
+        "the deleted pod's netns is still there"
+    );
+    done(t);
+
+    let t = step("a second up after the first one's supervisor was SIGKILLed");
+    let state = StateDir::new(&prefix);
+    let sup = state
+        .read_info()?
+        .supervisor_pid
+        .context("no supervisor pid")?;
+    ensure!(process::signal(sup, "KILL"), "cannot kill the supervisor");
+    wait_until("the supervisor to die", Duration::from_secs(5), || {
+        Ok(!process::alive(sup))
+    })?;
+    let lab = Lab::up(exe(), PREFIX, &opts)?;
+    let second_up = t.elapsed();
+    ensure!(
+        lab.kubectl_ok(&["get", "--raw", "/readyz"])?.trim() == "ok",
+        "apiserver not ready after the second up"
+    );
+    let pods = lab.kubectl_ok(&["get", "pods", "-A", "-o", "name"])?;
+    ensure!(
+        pods.trim().is_empty(),
+        "the second lab must start empty, has {pods}"
+    );
+    done(t);
+
+    let t = step("down leaves no namespace, link or process behind");
+    lab.down()?;
+    let left = netns::leftovers(&prefix);
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    let procs = process::lab_processes(&prefix);
+    ensure!(procs.is_empty(), "processes left: {procs:?}");
+    ensure!(!state.exists(), "state dir {} left", state.root().display());
+    done(t);
+    eprintln!(
+        "\nfirst up {:.1}s, second up after a crash {:.1}s",
+        up_time.as_secs_f64(),
+        second_up.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn lab_lifecycle() {
+    if let LabEnvironment::Skip(why) = LabEnvironment::check() {
+        eprintln!("SKIPPED lab tests (FERROLB_SKIP_LAB=1): {why}");
+        return;
+    }
+    let result = lab_cycle();
+    if result.is_err() {
+        // Never leave a half lab behind for the next test binary.
+        let _ = Lab::attach(exe(), PREFIX).and_then(|l| l.down());
+    }
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}
