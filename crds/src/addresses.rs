@@ -151,7 +151,8 @@ fn family_max(v4: bool) -> u128 {
     if v4 { u128::from(u32::MAX) } else { u128::MAX }
 }
 
-fn to_u128(ip: IpAddr) -> u128 {
+/// The address as a number (IPv4 in the low 32 bits), for range arithmetic.
+pub fn to_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
@@ -162,17 +163,28 @@ fn is_ipv4_mapped(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some())
 }
 
-/// The address `offset` places after the start of the range, if it is inside.
+/// The address of family `v4` with numeric value `value`, if it fits.
+pub fn from_u128(v4: bool, value: u128) -> Option<IpAddr> {
+    if v4 {
+        Some(IpAddr::V4(Ipv4Addr::from(u32::try_from(value).ok()?)))
+    } else {
+        Some(IpAddr::V6(Ipv6Addr::from(value)))
+    }
+}
+
 impl IpRange {
+    /// The address `offset` places after the start of the range, if it is inside.
     pub fn nth(&self, offset: u128) -> Option<IpAddr> {
         let value = to_u128(self.start).checked_add(offset)?;
         if value > to_u128(self.end) {
             return None;
         }
-        Some(match self.start {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(value).ok()?)),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(value)),
-        })
+        from_u128(self.is_ipv4(), value)
+    }
+
+    /// Start and end as numbers.
+    pub fn bounds(&self) -> (u128, u128) {
+        (to_u128(self.start), to_u128(self.end))
     }
 }
 

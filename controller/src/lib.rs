@@ -1,0 +1,5 @@
+//! The FerroLB controller: assigns LoadBalancer IPs from IPAddressPools.
+//!
+//! [`allocator`] is the pure core (no kube types, no I/O).
+
+pub mod allocator;
