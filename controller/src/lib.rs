@@ -3,3 +3,5 @@
 //! [`allocator`] is the pure core (no kube types, no I/O).
 
 pub mod allocator;
+pub mod convert;
+pub mod plan;

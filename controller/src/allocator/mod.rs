@@ -292,7 +292,7 @@ impl Allocator {
 
         let mut replaced = None;
         if !previous.is_empty() {
-            match self.keep(svc, &previous) {
+            match self.restore(svc, &previous) {
                 Ok(assignment) => return Ok(Outcome::Unchanged(assignment)),
                 Err(why) => replaced = Some(why),
             }
@@ -344,7 +344,7 @@ impl Allocator {
         a.set_pools(pools);
         let mut failed = Vec::new();
         for (svc, ips) in services.iter().filter(|(_, ips)| !ips.is_empty()) {
-            if let Err(e) = a.keep(svc, ips) {
+            if let Err(e) = a.restore(svc, ips) {
                 failed.push((svc.key.clone(), e));
             }
         }
@@ -352,8 +352,13 @@ impl Allocator {
     }
 
     /// Keeps `ips` for `svc` if they still fit: the same families as
-    /// wanted, in a pool (the requested one, if any), shareable.
-    fn keep(&mut self, svc: &ServiceRequest, ips: &[IpAddr]) -> Result<Assignment, AllocError> {
+    /// wanted, in a pool (the requested one, if any), shareable. Used to
+    /// restore what Service statuses hold before anything new is allocated.
+    pub fn restore(
+        &mut self,
+        svc: &ServiceRequest,
+        ips: &[IpAddr],
+    ) -> Result<Assignment, AllocError> {
         let families: BTreeSet<Family> = ips.iter().map(|ip| Family::of(*ip)).collect();
         let wanted: BTreeSet<Family> = svc.wanted_families().into_iter().collect();
         let primary = svc.wanted_families().first().copied().unwrap_or(Family::V4);
