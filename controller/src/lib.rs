@@ -4,4 +4,8 @@
 
 pub mod allocator;
 pub mod convert;
+pub mod election;
+pub mod metrics;
 pub mod plan;
+pub mod run;
+pub mod write;

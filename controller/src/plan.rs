@@ -112,6 +112,11 @@ impl Index {
         *self = Self::new(self.filter.clone());
     }
 
+    /// Look at `key` again next pass (its write failed).
+    pub fn unsettle(&mut self, key: &ServiceKey) {
+        self.settled.remove(key);
+    }
+
     pub fn pass(&mut self, inputs: &Inputs<'_>) -> Plan {
         let mut plan = Plan::default();
         self.update_pools(inputs.pools);

@@ -25,6 +25,10 @@ pub struct Runtime {
     pub readiness: Readiness,
     pub registry: Registry,
     pub shutdown: CancellationToken,
+    /// Poked on every change any watch cache sees; a loop that reacts to
+    /// changes awaits `changes.notified()` (a poke while nobody waits is
+    /// kept, so none is lost).
+    pub changes: Arc<tokio::sync::Notify>,
     pub(crate) tasks: JoinSet<()>,
     args: CommonArgs,
 }
@@ -46,6 +50,7 @@ impl Runtime {
             readiness: Readiness::default(),
             registry: crate::metrics::registry(component),
             shutdown,
+            changes: Arc::new(tokio::sync::Notify::new()),
             tasks: JoinSet::new(),
             args: args.clone(),
         })

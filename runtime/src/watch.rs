@@ -30,11 +30,15 @@ impl Runtime {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             .reflect(writer);
+        let changes = self.changes.clone();
         self.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                if let Err(error) = event {
-                    tracing::warn!(%error, resource = what, "watch failed; retrying with backoff");
+                match event {
+                    Ok(_) => changes.notify_one(),
+                    Err(error) => {
+                        tracing::warn!(%error, resource = what, "watch failed; retrying with backoff")
+                    }
                 }
             }
             tracing::warn!(resource = what, "watch stream ended");

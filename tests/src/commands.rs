@@ -35,14 +35,41 @@ pub fn require_root() -> Result<()> {
             uid.unwrap_or_else(|| "?".into())
         );
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        bail!("iproute2 (`ip`) is not installed: apt-get install -y iproute2");
+    // What the lab itself runs; tests/scripts/prereqs.sh installs them.
+    let missing: Vec<&str> = [
+        ("ip", "-V"),
+        ("openssl", "version"),
+        ("setsid", "--version"),
+        ("sysctl", "--version"),
+    ]
+    .into_iter()
+    .filter(|(tool, arg)| Command::new(tool).arg(arg).output().is_err())
+    .map(|(tool, _)| tool)
+    .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {} (run tests/scripts/prereqs.sh)",
+            missing.join(", ")
+        );
     }
     Ok(())
 }
 
 fn supervisor_alive(info: &LabInfo) -> bool {
     info.supervisor_pid.is_some_and(process::alive)
+}
+
+/// Prefixes of labs whose supervisor is alive.
+pub fn running_labs() -> Vec<Prefix> {
+    state::known_prefixes()
+        .into_iter()
+        .filter_map(|p| p.parse::<Prefix>().ok())
+        .filter(|p| {
+            StateDir::new(p)
+                .read_info()
+                .is_ok_and(|i| supervisor_alive(&i))
+        })
+        .collect()
 }
 
 /// Directory of this executable: where ferrolb-echo and FerroLB's binaries are built.
@@ -61,21 +88,13 @@ pub async fn up(prefix: &Prefix, opts: &UpOptions) -> Result<PathBuf> {
         bail!("--nodes must be 1..={}", crate::addresses::MAX_NODES);
     }
     // Two labs would both claim 198.18.0.1 in the root namespace.
-    for other in state::known_prefixes() {
-        let Ok(p) = other.parse::<Prefix>() else {
-            continue;
-        };
-        let Ok(info) = StateDir::new(&p).read_info() else {
-            continue;
-        };
-        if supervisor_alive(&info) {
-            if p == *prefix {
-                bail!("lab {p} is already up; `ferrolb-lab --prefix {p} down` first");
-            }
-            bail!(
-                "another lab ({p}) is up and owns the lab addresses; `ferrolb-lab --prefix {p} down` first"
-            );
+    if let Some(p) = running_labs().first() {
+        if p == prefix {
+            bail!("lab {p} is already up; `ferrolb-lab --prefix {p} down` first");
         }
+        bail!(
+            "another lab ({p}) is up and owns the lab addresses; `ferrolb-lab --prefix {p} down` first"
+        );
     }
     let state = StateDir::new(prefix);
     let t0 = Instant::now();
@@ -98,6 +117,14 @@ pub async fn up(prefix: &Prefix, opts: &UpOptions) -> Result<PathBuf> {
         .context("removing the old state directory")?;
     if netns::link_exists(&prefix.root_link()) {
         bail!("{} still exists after cleanup", prefix.root_link());
+    }
+    // A crashed lab of another prefix may still hold the control-plane address.
+    if let Some(link) = netns::link_with_address(&crate::addresses::control_plane_v4().into()) {
+        bail!(
+            "{} is already configured on {link} (a lab that was not taken down?); \
+             `ferrolb-lab --prefix <its prefix> down` or `ip link del {link}` first",
+            crate::addresses::control_plane_v4()
+        );
     }
 
     eprintln!("[lab] checking the control-plane binaries");
@@ -155,8 +182,10 @@ async fn wait_ready(state: &StateDir, pid: u32) -> Result<()> {
             if *line == READY_LINE {
                 return Ok(());
             }
-            if let Some(msg) = line.strip_prefix(FAILED_LINE) {
-                bail!("{msg}");
+            if let Some(first) = line.strip_prefix(FAILED_LINE) {
+                let full =
+                    fs::read_to_string(state.failure_path()).unwrap_or_else(|_| first.to_string());
+                bail!("{full}");
             }
             eprintln!("[lab] {line}");
         }
@@ -234,48 +263,59 @@ fn running_info(prefix: &Prefix) -> Result<(StateDir, LabInfo)> {
     Ok((state, info))
 }
 
+fn health(name: &str) -> String {
+    let Ok(c) = name.parse::<Component>() else {
+        return String::new();
+    };
+    if crate::components::binary_name(c.kind).is_none() {
+        return String::new();
+    }
+    let (_, addr) = crate::components::listen_addrs(&c);
+    match crate::components::readyz(&c) {
+        Some(200) => format!("ready ({addr}/readyz)"),
+        Some(code) => format!("NOT READY: {code} from {addr}/readyz"),
+        None => format!("no answer on {addr}"),
+    }
+}
+
 pub fn status(prefix: &Prefix) -> Result<()> {
+    use std::fmt::Write as _;
     let (state, info) = running_info(prefix)?;
     let o = &info.options;
-    println!(
-        "lab {prefix}: {} nodes, {:?}, proxy {:?}, ferrolb {}",
-        o.nodes,
-        o.ip_family,
-        o.proxy,
-        if o.ferrolb { "on" } else { "off" }
+    let mut out = String::new();
+    let ferrolb = if o.ferrolb { "on" } else { "off" };
+    let _ = writeln!(
+        out,
+        "lab {prefix}: {} nodes, {:?}, proxy {:?}, ferrolb {ferrolb}",
+        o.nodes, o.ip_family, o.proxy
     );
-    println!("state: {}", state.root().display());
-    let sup = info.supervisor_pid.map(|p| (p, process::alive(p)));
-    println!(
-        "supervisor: {}",
-        match sup {
-            Some((p, true)) => format!("running (pid {p})"),
-            Some((p, false)) => format!("DEAD (pid {p}); run down"),
-            None => "not started".into(),
-        }
-    );
-    println!("processes:");
+    let _ = writeln!(out, "state: {}", state.root().display());
+    let sup = match info.supervisor_pid.map(|p| (p, process::alive(p))) {
+        Some((p, true)) => format!("running (pid {p})"),
+        Some((p, false)) => format!("DEAD (pid {p}); run `ferrolb-lab --prefix {prefix} down`"),
+        None => "not started".into(),
+    };
+    let _ = writeln!(out, "supervisor: {sup}\nprocesses:");
     for name in state.pid_names() {
         let pid = state.read_pid(&name).unwrap_or(0);
-        println!(
-            "  {name:<24} pid {pid:<8} {}",
-            if process::alive(pid) {
-                "running"
-            } else {
-                "dead"
-            }
-        );
+        let (alive, h) = if process::alive(pid) {
+            ("running", health(&name))
+        } else {
+            ("dead", String::new())
+        };
+        let _ = writeln!(out, "  {name:<24} pid {pid:<8} {alive:<8} {h}");
     }
-    println!("namespaces:");
+    let _ = writeln!(out, "namespaces:");
     for ns in netns::list_netns()
         .into_iter()
         .filter(|n| prefix.owns_netns(n))
     {
-        println!("  {ns}");
+        let _ = writeln!(out, "  {ns}");
     }
     let cp_bin = control_plane::bin_dir(&control_plane::versions()?);
     let kubectl = Kubectl::new(&cp_bin, &state.admin_kubeconfig());
-    println!(
+    let _ = writeln!(
+        out,
         "apiserver /readyz: {}",
         if kubectl.ready() { "ok" } else { "NOT READY" }
     );
@@ -283,9 +323,15 @@ pub fn status(prefix: &Prefix) -> Result<()> {
         &["get", "nodes", "-o", "wide", "--request-timeout=3s"],
         None,
     ) {
-        print!("{nodes}");
+        out.push_str(&nodes);
     }
-    println!("export KUBECONFIG={}", state.admin_kubeconfig().display());
+    let _ = writeln!(
+        out,
+        "export KUBECONFIG={}",
+        state.admin_kubeconfig().display()
+    );
+    // A closed pipe (`status | head`) is not an error worth a panic.
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
     Ok(())
 }
 

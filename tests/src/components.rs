@@ -11,7 +11,13 @@ pub const NAMESPACE: &str = "ferrolb-system";
 /// Tokens are long-lived: a lab may stay up for days of benchmarking.
 pub const TOKEN_DURATION: &str = "8760h";
 
+/// Overrides where the CRDs and the chart are read from (default: this repository).
+pub const REPO_ENV: &str = "FERROLB_LAB_REPO";
+
 pub fn repo_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os(REPO_ENV) {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -37,6 +43,16 @@ pub fn crd_files() -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// The cargo command that builds the components into `bin_dir`
+/// (`target/release` or `target/debug`).
+pub fn build_command(bin_dir: &Path) -> String {
+    let release = bin_dir.file_name().is_some_and(|n| n == "release");
+    format!(
+        "cargo build{} --workspace --bins",
+        if release { " --release" } else { "" }
+    )
 }
 
 /// The chart's only templating is the release namespace.
@@ -81,6 +97,29 @@ pub fn listen_addrs(c: &Component) -> (String, String) {
     (format!("{ip}:{base}"), format!("{ip}:{}", base + 10))
 }
 
+/// `GET /readyz` on a component's health address: the HTTP status code, or
+/// None if nothing answers. Reachable from the root namespace over the LAN.
+pub fn readyz(c: &Component) -> Option<u16> {
+    use std::io::{Read, Write};
+    let (_, addr) = listen_addrs(c);
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let timeout = std::time::Duration::from_millis(500);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout * 2)).ok()?;
+    write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 pub fn args(c: &Component, kubeconfig: &Path) -> Vec<String> {
     let (metrics, health) = listen_addrs(c);
     let mut a = vec![
@@ -103,6 +142,18 @@ pub fn args(c: &Component, kubeconfig: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_command_matches_the_profile() {
+        assert_eq!(
+            build_command(Path::new("/r/target/release")),
+            "cargo build --release --workspace --bins"
+        );
+        assert_eq!(
+            build_command(Path::new("/r/target/debug")),
+            "cargo build --workspace --bins"
+        );
+    }
 
     #[test]
     fn rbac_namespace_is_substituted() {

@@ -149,7 +149,10 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
             let why = if controller_running {
                 "ferrolb-controller is running but assigned no IP to default/demo within 30s (see `ferrolb-lab logs controller`)"
             } else {
-                "ferrolb-controller is not running (not built yet, or the chart's RBAC is missing), so nothing assigns LoadBalancer IPs"
+                &format!(
+                    "ferrolb-controller is not running (not built next to ferrolb-lab: `{}`; or the chart's RBAC is missing), so nothing assigns LoadBalancer IPs",
+                    components::build_command(&crate::commands::exe_dir()?)
+                )
             };
             return not_yet(why);
         }
@@ -192,6 +195,10 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
                     body.trim()
                 }
             ),
+        }
+        // Three silent requests in a row from the start: nothing serves the IP yet.
+        if answered == 0 && i == 3 {
+            break;
         }
     }
     if answered == 0 {

@@ -99,6 +99,45 @@ pub async fn serve_udp(pod: String, port: u16) -> std::io::Result<()> {
     }
 }
 
+/// Serves every port until one listener fails; with no ports it waits forever,
+/// like a container that only sleeps.
+pub async fn run(pod: String, tcp: Vec<u16>, udp: Vec<u16>) -> std::io::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for port in tcp {
+        let pod = pod.clone();
+        tasks.spawn(async move { (port, "tcp", serve_tcp(pod, port).await) });
+    }
+    for port in udp {
+        let pod = pod.clone();
+        tasks.spawn(async move { (port, "udp", serve_udp(pod, port).await) });
+    }
+    eprintln!("ferrolb-echo: serving as pod {pod}");
+    match tasks.join_next().await {
+        None => std::future::pending().await,
+        Some(Ok((port, proto, Err(e)))) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{proto} port {port}: {e}"),
+        )),
+        Some(Ok((_, _, Ok(())))) => Ok(()),
+        Some(Err(e)) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// The echo server's command-line arguments (shared by `ferrolb-echo` and
+/// the hidden `ferrolb-lab echo`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct EchoArgs {
+    /// Pod name to report.
+    #[arg(long, env = "POD_NAME")]
+    pub name: String,
+    /// TCP port to listen on (repeatable).
+    #[arg(long)]
+    pub tcp: Vec<u16>,
+    /// UDP port to listen on (repeatable).
+    #[arg(long)]
+    pub udp: Vec<u16>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

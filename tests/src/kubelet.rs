@@ -77,9 +77,19 @@ pub struct Kubelet {
     prefix: Prefix,
     family: IpFamily,
     nodes: u8,
-    echo_bin: PathBuf,
+    /// Program and leading arguments of the echo server.
+    echo: (PathBuf, Vec<String>),
     state: StateDir,
     inner: Mutex<Inner>,
+}
+
+/// The architecture as Kubernetes (Go) names it.
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
 }
 
 fn now() -> Time {
@@ -182,7 +192,7 @@ impl Kubelet {
         prefix: Prefix,
         family: IpFamily,
         nodes: u8,
-        echo_bin: PathBuf,
+        echo: (PathBuf, Vec<String>),
         state: StateDir,
     ) -> Arc<Self> {
         Arc::new(Kubelet {
@@ -190,7 +200,7 @@ impl Kubelet {
             prefix,
             family,
             nodes,
-            echo_bin,
+            echo,
             state,
             inner: Mutex::new(Inner::default()),
         })
@@ -211,7 +221,7 @@ impl Kubelet {
                 "metadata": {"name": name, "labels": {
                     "kubernetes.io/hostname": name,
                     "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+                    "kubernetes.io/arch": go_arch(),
                 }},
                 "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
             });
@@ -226,7 +236,8 @@ impl Kubelet {
         Ok(())
     }
 
-    async fn heartbeat_node(&self, n: u8) -> Result<()> {
+    /// Reports node `n` Ready and renews its Lease.
+    pub async fn heartbeat_node(&self, n: u8) -> Result<()> {
         let name = node_name(n);
         let t = serde_json::to_value(now()).unwrap_or(Value::Null);
         let cond = |ty: &str, status: &str, reason: &str| {
@@ -252,7 +263,7 @@ impl Kubelet {
             ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {
-                "architecture": "amd64", "bootID": "lab", "containerRuntimeVersion": "ferrolb-lab://1",
+                "architecture": go_arch(), "bootID": "lab", "containerRuntimeVersion": "ferrolb-lab://1",
                 "kernelVersion": "lab", "kubeProxyVersion": "", "kubeletVersion": "v1.34.0-ferrolb-lab",
                 "machineID": name, "operatingSystem": "linux", "osImage": "ferrolb lab", "systemUUID": name,
             },
@@ -445,13 +456,9 @@ impl Kubelet {
                 .map_err(|e| KubeletError::Join(e.to_string()))??;
         }
         let log = self.state.log(&format!("pod-{ns}-{name}"));
-        let mut cmd = process::command(
-            &self.prefix,
-            Some(&netns),
-            &self.echo_bin,
-            &echo_args(pod),
-            &log,
-        )?;
+        let (program, leading) = &self.echo;
+        let args: Vec<String> = leading.iter().cloned().chain(echo_args(pod)).collect();
+        let mut cmd = process::command(&self.prefix, Some(&netns), program, &args, &log)?;
         cmd.env("POD_NAME", &name).env("POD_NAMESPACE", &ns);
         let child = cmd.spawn().map_err(|source| process::ProcessError::Spawn {
             program: "ferrolb-echo".into(),

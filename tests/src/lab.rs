@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -23,6 +24,9 @@ use crate::control_plane;
 use crate::kubectl::Kubectl;
 use crate::names::{Prefix, Target};
 use crate::state::{ProxyMode, StateDir, UpOptions};
+
+/// How long [`Lab::up`] waits for another lab on this machine to go down.
+pub const WAIT_FOR_OTHER_LAB: Duration = Duration::from_secs(600);
 
 /// Set to 1 to skip lab tests on machines without root or netns support.
 pub const SKIP_ENV: &str = "FERROLB_SKIP_LAB";
@@ -95,9 +99,45 @@ fn up_args(opts: &UpOptions) -> Vec<String> {
 impl Lab {
     /// Runs `ferrolb-lab --prefix PREFIX up ...` (progress shows on stderr) and
     /// returns a handle once the lab is up.
+    ///
+    /// The lab's addresses are machine-wide, so while another lab (say, a
+    /// concurrent `cargo test` of someone else) is up this waits for it, up to
+    /// [`WAIT_FOR_OTHER_LAB`], instead of failing at once.
     pub fn up(exe: &Path, prefix: &str, opts: &UpOptions) -> Result<Lab> {
         let lab = Lab::attach(exe, prefix)?;
-        let out = lab.cli_with(&up_args(opts), Stdio::inherit())?;
+        let start = Instant::now();
+        let out = loop {
+            let others: Vec<String> = crate::commands::running_labs()
+                .into_iter()
+                .filter(|p| *p != lab.prefix)
+                .map(|p| p.to_string())
+                .collect();
+            if !others.is_empty() {
+                if start.elapsed() > WAIT_FOR_OTHER_LAB {
+                    bail!(
+                        "lab(s) {} still up after {}s; only one lab can run at a time",
+                        others.join(", "),
+                        WAIT_FOR_OTHER_LAB.as_secs()
+                    );
+                }
+                eprintln!(
+                    "[lab] waiting for lab(s) {} to go down first",
+                    others.join(", ")
+                );
+                std::thread::sleep(Duration::from_secs(5));
+                continue;
+            }
+            let out = lab.cli_with(&up_args(opts), Stdio::inherit())?;
+            // Lost a race with another lab starting at the same moment: wait for it.
+            if !out.status.success()
+                && crate::commands::running_labs()
+                    .iter()
+                    .any(|p| *p != lab.prefix)
+            {
+                continue;
+            }
+            break out;
+        };
         if !out.status.success() {
             bail!("ferrolb-lab up failed ({})", out.status);
         }
@@ -169,6 +209,14 @@ impl Lab {
         Ok(self.kubectl.apply(manifest)?)
     }
 
+    /// Applies a manifest with `--dry-run=server`: validation (schema, CEL,
+    /// admission) runs for real, nothing is stored. Returns kubectl's output.
+    pub fn kubectl_dry_run(&self, manifest: &str) -> Result<Output> {
+        Ok(self
+            .kubectl
+            .output(&["apply", "--dry-run=server", "-f", "-"], Some(manifest))?)
+    }
+
     /// Runs `cmd` in `client`, `node-N` or `pod/NS/NAME`.
     pub fn exec(&self, target: &str, cmd: &[&str]) -> Result<Output> {
         let t: Target = target.parse()?;
@@ -218,6 +266,9 @@ impl Lab {
     }
 }
 
+/// Exit status 1, for a kubectl that could not even be started.
 fn failed_status() -> std::process::ExitStatus {
-    Command::new("false").status().unwrap_or_default()
+    use std::os::unix::process::ExitStatusExt;
+    // A wait status holds the exit code in its second byte.
+    std::process::ExitStatus::from_raw(1 << 8)
 }

@@ -68,6 +68,20 @@ pub fn netns_exists(name: &str) -> bool {
     list_netns().iter().any(|n| n == name)
 }
 
+/// The root-namespace link that carries `addr`, if any.
+pub fn link_with_address(addr: &IpAddr) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .ok()?;
+    let needle = format!(" {addr}/");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+}
+
 pub fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).is_ok()
 }

@@ -100,6 +100,10 @@ impl StateDir {
     pub fn progress_path(&self) -> PathBuf {
         self.root.join("progress.log")
     }
+    /// The full error of a failed start (progress.log only has its first line).
+    pub fn failure_path(&self) -> PathBuf {
+        self.root.join("failure.txt")
+    }
     pub fn socket_path(&self) -> PathBuf {
         self.root.join("control.sock")
     }

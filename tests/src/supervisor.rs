@@ -26,6 +26,8 @@ use crate::process;
 use crate::state::{FAILED_LINE, LabInfo, ProxyMode, READY_LINE, StateDir};
 
 const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long `up` waits for FerroLB's components to report ready before warning.
+const COMPONENT_READY_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Supervisor {
     prefix: Prefix,
@@ -83,12 +85,12 @@ pub async fn run(prefix: Prefix) -> Result<()> {
         _ = terminated() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = result {
+        // progress.log is line-based; the whole (often multi-line) error goes to failure.txt.
+        let full = format!("{e:#}");
+        let _ = fs::write(state.failure_path(), &full);
         progress(
             &state,
-            &format!(
-                "{FAILED_LINE}{e:#} (logs kept in {})",
-                state.root().join("logs").display()
-            ),
+            &format!("{FAILED_LINE}{}", full.lines().next().unwrap_or_default()),
         );
         let errors = force_cleanup(&prefix);
         for e in errors {
@@ -169,13 +171,14 @@ impl Supervisor {
         self.start_component(&Component::new(Kind::ControllerManager, None))?;
         self.start_component(&Component::new(Kind::Scheduler, None))?;
         let client = kube_client(&self.state.admin_kubeconfig()).await?;
-        let echo = self.info.bin_dir.join("ferrolb-echo");
-        if !echo.is_file() {
-            bail!(
-                "{} is missing (build the ferrolb-lab crate)",
-                echo.display()
-            );
-        }
+        // `cargo run -p ferrolb-lab` builds only this binary; its hidden `echo`
+        // subcommand is the same server as ferrolb-echo.
+        let echo_bin = self.info.bin_dir.join("ferrolb-echo");
+        let echo = if echo_bin.is_file() {
+            (echo_bin, Vec::new())
+        } else {
+            (std::env::current_exe()?, vec!["echo".to_string()])
+        };
         let kubelet = Kubelet::new(
             client,
             self.prefix.clone(),
@@ -237,7 +240,48 @@ impl Supervisor {
                 ),
             }
         }
+        self.wait_components_ready().await;
         Ok(())
+    }
+
+    /// Gives FerroLB's components a few seconds to report ready. Not ready is
+    /// reported, not fatal: a component that is running but unready is
+    /// exactly what a developer needs a lab to look at.
+    async fn wait_components_ready(&self) {
+        let ours: Vec<Component> = self
+            .state
+            .pid_names()
+            .iter()
+            .filter_map(|n| n.parse::<Component>().ok())
+            .filter(|c| components::binary_name(c.kind).is_some())
+            .collect();
+        if ours.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + COMPONENT_READY_WAIT;
+        loop {
+            let unready: Vec<String> = ours
+                .iter()
+                .filter(|c| components::readyz(c) != Some(200))
+                .map(ToString::to_string)
+                .collect();
+            if unready.is_empty() {
+                self.progress(&format!(
+                    "FerroLB components ready: {} processes",
+                    ours.len()
+                ));
+                return;
+            }
+            if Instant::now() > deadline {
+                self.progress(&format!(
+                    "WARNING: running but not ready after {}s: {} (see `ferrolb-lab status` and `ferrolb-lab logs <component>`)",
+                    COMPONENT_READY_WAIT.as_secs(),
+                    unready.join(", ")
+                ));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     async fn wait_for(
@@ -374,9 +418,10 @@ impl Supervisor {
         if !missing.is_empty() {
             let list: Vec<&str> = missing.into_iter().collect();
             self.progress(&format!(
-                "not built in {}, so not started: {}",
+                "not built in {}, so not started: {} (build them with `{}`)",
                 self.info.bin_dir.display(),
-                list.join(", ")
+                list.join(", "),
+                components::build_command(&self.info.bin_dir)
             ));
         }
         Ok(())
@@ -449,6 +494,11 @@ impl Supervisor {
                 )
             }
             Kind::Controller | Kind::Speaker | Kind::Proxy => {
+                if !self.info.options.ferrolb {
+                    bail!(
+                        "this lab was started with --no-ferrolb, so FerroLB's RBAC and tokens are not set up"
+                    );
+                }
                 let bin = components::binary_name(c.kind).context("component binary")?;
                 let kc = self.component_kubeconfig(c.kind)?;
                 (
@@ -546,7 +596,9 @@ impl Supervisor {
                     .filter(|p| process::alive(*p))
                 {
                     process::signal(pid, "TERM");
-                    let deadline = Instant::now() + Duration::from_secs(30);
+                    // kube-apiserver drains for up to a minute on SIGTERM; a lab
+                    // restart should model a quick restart, so cut that short.
+                    let deadline = Instant::now() + Duration::from_secs(3);
                     while process::alive(pid) && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -576,6 +628,10 @@ impl Supervisor {
                 // The node's kubelet can no longer reach the API server either.
                 if let Some(k) = self.kubelet.get() {
                     k.set_online(n, up);
+                    // Back online: report at once, as a kubelet does when it reconnects.
+                    if up && let Err(e) = k.heartbeat_node(n).await {
+                        warn!(node = n, error = %e, "heartbeat after link up failed");
+                    }
                 }
                 Ok(format!("{} LAN link {dir}", node_name(n)))
             }

@@ -4,13 +4,16 @@
 //! a lab owns fixed addresses (198.18.0.1) and takes seconds to start. Needs
 //! root and network namespaces; set FERROLB_SKIP_LAB=1 to skip elsewhere.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
+use common::{done, exe, step, wait_until};
+use ferrolb_lab::addresses::IpFamily;
 use ferrolb_lab::echo::parse_reply;
-use ferrolb_lab::lab::{Lab, LabEnvironment};
+use ferrolb_lab::lab::Lab;
 use ferrolb_lab::names::Prefix;
 use ferrolb_lab::state::{ProxyMode, StateDir, UpOptions};
 use ferrolb_lab::{netns, process};
@@ -55,47 +58,20 @@ spec:
   containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
 ";
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferrolb-lab"))
-}
-
-fn step(name: &str) -> Instant {
-    eprintln!("\n=== step: {name}");
-    Instant::now()
-}
-
-fn done(t: Instant) {
-    eprintln!("    ok ({:.1}s)", t.elapsed().as_secs_f64());
-}
-
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let start = Instant::now();
-    let mut last_note = Instant::now();
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) if start.elapsed() > timeout => {
-                return Err(e.context(format!("waiting for {what}")));
-            }
-            Err(_) => {}
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {}s waiting for {what}", timeout.as_secs());
-        }
-        if last_note.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "    still waiting for {what} ({}s)",
-                start.elapsed().as_secs()
-            );
-            last_note = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+/// Runs a `ferrolb-lab` subcommand that must succeed; returns its stdout.
+fn cli_ok(lab: &Lab, args: &[&str]) -> Result<String> {
+    let out = lab.cli(args)?;
+    ensure!(
+        out.status.success(),
+        "ferrolb-lab {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout(&out))
 }
 
 fn pod_ip(lab: &Lab, name: &str) -> Result<String> {
@@ -160,12 +136,10 @@ fn lab_cycle() -> Result<()> {
     };
     let prefix: Prefix = PREFIX.parse()?;
 
-    let t = step("clean slate (a previous run of this test may have crashed)");
-    Lab::attach(exe(), PREFIX)?.down()?;
-    done(t);
-
     let t = step("up: control plane comes up");
-    let lab = Lab::up(exe(), PREFIX, &opts)?;
+    let Some(lab) = common::up(PREFIX, &opts)? else {
+        return Ok(());
+    };
     let up_time = t.elapsed();
     ensure!(
         lab.kubectl_ok(&["get", "--raw", "/readyz"])?.trim() == "ok",
@@ -269,6 +243,21 @@ fn lab_cycle() -> Result<()> {
     );
     done(t);
 
+    let t = step("`link node-2 down` cuts node-2 off the LAN, `link node-2 up` restores it");
+    let url2 = format!("http://{ip2}:8080/");
+    cli_ok(&lab, &["link", "node-2", "down"])?;
+    ensure!(
+        curl(&lab, "client", &url2).is_err(),
+        "pinned-2 still reachable with node-2's link down"
+    );
+    cli_ok(&lab, &["link", "node-2", "up"])?;
+    wait_until(
+        "pinned-2 to be reachable again",
+        Duration::from_secs(10),
+        || Ok(curl(&lab, "client", &url2).is_ok()),
+    )?;
+    done(t);
+
     let t = step("readiness annotation and graceful deletion show in the EndpointSlice");
     lab.kubectl_ok(&[
         "annotate",
@@ -312,6 +301,12 @@ fn lab_cycle() -> Result<()> {
     wait_until("the supervisor to die", Duration::from_secs(5), || {
         Ok(!process::alive(sup))
     })?;
+    // The second lab is dual-stack with kube-proxy, to cover those modes too.
+    let opts = UpOptions {
+        ip_family: IpFamily::Dual,
+        proxy: ProxyMode::KubeProxy,
+        ..opts
+    };
     let lab = Lab::up(exe(), PREFIX, &opts)?;
     let second_up = t.elapsed();
     ensure!(
@@ -322,6 +317,101 @@ fn lab_cycle() -> Result<()> {
     ensure!(
         pods.trim().is_empty(),
         "the second lab must start empty, has {pods}"
+    );
+    done(t);
+
+    let t = step("dual-stack: pods get IPv6 addresses reachable from the client");
+    lab.apply(WORKLOAD)?;
+    lab.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=pinned",
+        "-n",
+        "default",
+        "--timeout=60s",
+    ])?;
+    let v6 = lab.kubectl_ok(&[
+        "get",
+        "pod",
+        "pinned-2",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.status.podIPs[1].ip}",
+    ])?;
+    ensure!(v6.starts_with("2001:db8:1:2::"), "pinned-2 IPv6: {v6:?}");
+    let (pod, client) = curl(&lab, "client", &format!("http://[{v6}]:8080/"))?;
+    ensure!(
+        pod == "pinned-2" && client.ip().to_string() == "2001:db8::100",
+        "{pod} saw {client}"
+    );
+    done(t);
+
+    let t = step("kube-proxy mode: a ClusterIP reaches the Deployment's pods from a pod");
+    lab.kubectl_ok(&[
+        "rollout",
+        "status",
+        "deployment/labtest",
+        "-n",
+        "default",
+        "--timeout=90s",
+    ])?;
+    let cluster_ip = lab.kubectl_ok(&[
+        "get",
+        "service",
+        "labtest",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let backends: BTreeSet<String> = lab
+        .kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            "app=labtest",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    wait_until(
+        "kube-proxy to program the ClusterIP",
+        Duration::from_secs(30),
+        || {
+            Ok(curl(
+                &lab,
+                "pod/default/pinned-1",
+                &format!("http://{cluster_ip}/"),
+            )
+            .is_ok_and(|(pod, _)| backends.contains(&pod)))
+        },
+    )?;
+    done(t);
+
+    let t = step("kill and start a per-node component; restart the API server");
+    cli_ok(&lab, &["kill", "kube-proxy@node-1"])?;
+    wait_until(
+        "kube-proxy@node-1 to be gone",
+        Duration::from_secs(5),
+        || Ok(state.read_pid("kube-proxy@node-1").is_none()),
+    )?;
+    cli_ok(&lab, &["start", "kube-proxy@node-1"])?;
+    let pid = state
+        .read_pid("kube-proxy@node-1")
+        .context("kube-proxy@node-1 not restarted")?;
+    ensure!(process::alive(pid), "restarted kube-proxy is not alive");
+    let restart = cli_ok(&lab, &["restart-apiserver"])?;
+    eprintln!("    {}", restart.trim());
+    ensure!(
+        lab.kubectl_ok(&["get", "--raw", "/readyz"])?.trim() == "ok",
+        "apiserver not ready after restart"
     );
     done(t);
 
@@ -343,10 +433,6 @@ fn lab_cycle() -> Result<()> {
 
 #[test]
 fn lab_lifecycle() {
-    if let LabEnvironment::Skip(why) = LabEnvironment::check() {
-        eprintln!("SKIPPED lab tests (FERROLB_SKIP_LAB=1): {why}");
-        return;
-    }
     let result = lab_cycle();
     if result.is_err() {
         // Never leave a half lab behind for the next test binary.

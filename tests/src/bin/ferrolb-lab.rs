@@ -82,6 +82,9 @@ enum Cmd {
     },
     /// Up, a pool, a Deployment and a LoadBalancer Service, then curl it.
     Demo(UpArgs),
+    /// (internal) the echo server, for when ferrolb-echo is not built.
+    #[command(hide = true)]
+    Echo(ferrolb_lab::echo::EchoArgs),
     /// (internal) the background process behind `up`.
     #[command(hide = true)]
     Supervise,
@@ -135,6 +138,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Logs { component, follow } => commands::logs(&prefix, &component, follow)?,
         Cmd::Demo(a) => ferrolb_lab::demo::run(&prefix, &a.options()).await?,
+        Cmd::Echo(a) => ferrolb_lab::echo::run(a.name, a.tcp, a.udp).await?,
         Cmd::Supervise => {
             init_tracing();
             ferrolb_lab::supervisor::run(prefix).await?;

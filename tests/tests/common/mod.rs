@@ -1,0 +1,85 @@
+//! Helpers shared by the lab test binaries.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use ferrolb_lab::lab::{Lab, LabEnvironment};
+use ferrolb_lab::state::UpOptions;
+
+pub fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferrolb-lab"))
+}
+
+/// Brings a lab up under `prefix`, or returns `None` when FERROLB_SKIP_LAB=1
+/// and the lab cannot run here (saying so). Without that variable a machine
+/// that cannot run the lab fails the test with the reason.
+pub fn up(prefix: &str, opts: &UpOptions) -> Result<Option<Lab>> {
+    if let LabEnvironment::Skip(why) = LabEnvironment::check() {
+        eprintln!("SKIPPED on purpose (FERROLB_SKIP_LAB=1): {why}");
+        return Ok(None);
+    }
+    // A crashed earlier run of this binary may have left its lab behind.
+    if let Ok(old) = Lab::attach(exe(), prefix) {
+        let _ = old.down();
+    }
+    Ok(Some(Lab::up(exe(), prefix, opts)?))
+}
+
+/// Runs `body` against `lab` and always takes the lab down afterwards.
+pub fn with_lab(lab: Lab, body: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
+    let result = body(&lab);
+    let down = lab.down();
+    result.and(down)
+}
+
+pub fn step(name: &str) -> Instant {
+    eprintln!("\n=== step: {name}");
+    Instant::now()
+}
+
+pub fn done(t: Instant) {
+    eprintln!("    ok ({:.1}s)", t.elapsed().as_secs_f64());
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn both(o: &Output) -> String {
+    format!("{}{}", text(&o.stdout), text(&o.stderr))
+}
+
+/// Polls `f` every 250 ms until it returns true, printing progress every
+/// 10 s; fails after `timeout` with the last error.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last_note = Instant::now();
+    loop {
+        match f() {
+            Ok(true) => return Ok(start.elapsed()),
+            Ok(false) => {}
+            Err(e) if start.elapsed() > timeout => {
+                return Err(e.context(format!("waiting for {what}")));
+            }
+            Err(_) => {}
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {}s waiting for {what}", timeout.as_secs());
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "    still waiting for {what} ({}s)",
+                start.elapsed().as_secs()
+            );
+            last_note = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
