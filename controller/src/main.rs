@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         classless: !args.ignore_classless,
     };
     tracing::info!(class = %filter.class, classless = filter.classless, %identity, "serving LoadBalancer Services");
-    let writer = Writer::new(client, Some(identity));
+    let writer = Writer::new(client, identity);
     let changes = rt.changes.clone();
     rt.run(run::run(
         Index::new(filter),

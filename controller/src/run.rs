@@ -22,6 +22,8 @@ use crate::write::Writer;
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A pass also runs this often without changes, to retry failed writes.
 const RESYNC: Duration = Duration::from_secs(30);
+/// First retry delay after failed writes.
+const RETRY_MIN: Duration = Duration::from_millis(500);
 /// Writes in flight at once.
 const CONCURRENCY: usize = 16;
 
@@ -41,6 +43,7 @@ pub async fn run(
 ) {
     // Nothing is decided before every cache has its first full list: a
     // partial Service list would look like free IPs.
+    // These are the only waiters on the stores (see ferrolb_runtime::watch).
     let synced = tokio::try_join!(
         caches.services.wait_until_ready(),
         caches.pools.wait_until_ready(),
@@ -50,7 +53,11 @@ pub async fn run(
         return;
     }
     let mut was_leader = false;
+    // After failed writes (e.g. the API server restarting) the pass is
+    // retried soon, backing off up to RESYNC.
+    let mut retry = RETRY_MIN;
     loop {
+        let mut failures = 0;
         let leader = *leading.borrow();
         metrics.leader.set(i64::from(leader));
         if leader != was_leader {
@@ -62,7 +69,7 @@ pub async fn run(
         if leader {
             let started = Instant::now();
             let (plan, uids) = pass(&mut index, &caches);
-            perform(&mut index, &writer, &metrics, &plan, &uids).await;
+            failures = perform(&mut index, &writer, &metrics, &plan, &uids).await;
             metrics
                 .reconcile_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -71,10 +78,18 @@ pub async fn run(
                 .services_allocated
                 .set(index.allocator().assignments().len() as i64);
         }
+        let wait = if failures > 0 {
+            let now = retry;
+            retry = (retry * 2).min(RESYNC);
+            now
+        } else {
+            retry = RETRY_MIN;
+            RESYNC
+        };
         tokio::select! {
             _ = changes.notified() => tokio::time::sleep(DEBOUNCE).await,
             _ = leading.changed() => {}
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -106,13 +121,14 @@ fn pass(index: &mut Index, caches: &Caches) -> (Plan, HashMap<ServiceKey, String
     (plan, uids)
 }
 
+/// Performs the plan; returns how many writes failed.
 async fn perform(
     index: &mut Index,
     writer: &Writer,
     metrics: &Metrics,
     plan: &Plan,
     uids: &HashMap<ServiceKey, String>,
-) {
+) -> usize {
     for reason in &plan.failures {
         metrics
             .allocation_failures
@@ -137,12 +153,14 @@ async fn perform(
         .filter_map(|k| async move { k })
         .collect()
         .await;
+    let mut failures = failed.len();
     for key in &failed {
         metrics.write_errors.inc();
         index.unsettle(key);
     }
     for w in &plan.pools {
         if let Err(error) = writer.pool(w).await {
+            failures += 1;
             metrics.write_errors.inc();
             tracing::warn!(pool = %w.name, %error, "writing the pool status failed");
         }
@@ -155,4 +173,5 @@ async fn perform(
             }
         })
         .await;
+    failures
 }

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use ferrolb_crds::IPAddressPool;
 use ferrolb_crds::annotations::IP_ALLOCATED_FROM_POOL;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -18,19 +19,12 @@ pub const FIELD_MANAGER: &str = "ferrolb-controller";
 
 pub struct Writer {
     client: Client,
-    recorder: Recorder,
+    instance: String,
 }
 
 impl Writer {
-    pub fn new(client: Client, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance,
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-        }
+    pub fn new(client: Client, instance: String) -> Self {
+        Self { client, instance }
     }
 
     /// Status first (what users and speakers act on), then the annotation.
@@ -86,12 +80,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Creates one `events.k8s.io/v1` Event. The plan already reports each
+    /// outcome once; a generic recorder would fold a new message into an
+    /// older event with the same reason and hide it.
     pub async fn event(
         &self,
         e: &EventPlan,
         uids: &HashMap<ServiceKey, String>,
     ) -> Result<(), kube::Error> {
-        let reference = ObjectReference {
+        let regarding = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Service".into()),
             namespace: Some(e.service.namespace.clone()),
@@ -100,15 +97,30 @@ impl Writer {
             ..Default::default()
         };
         let event = Event {
-            type_: match e.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
+            metadata: ObjectMeta {
+                // A generated name must end alphanumerically, hence the "-".
+                generate_name: Some(format!(
+                    "{}-",
+                    e.service.name.chars().take(200).collect::<String>()
+                )),
+                namespace: Some(e.service.namespace.clone()),
+                ..Default::default()
             },
-            reason: e.reason.to_string(),
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            type_: Some(match e.severity {
+                Severity::Normal => "Normal".into(),
+                Severity::Warning => "Warning".into(),
+            }),
+            reason: Some(e.reason.to_string()),
             note: Some(e.message.chars().take(1000).collect()),
-            action: "Allocate".into(),
-            secondary: None,
+            action: Some("Allocate".into()),
+            reporting_controller: Some(format!("ferrolb.io/{FIELD_MANAGER}")),
+            reporting_instance: Some(self.instance.chars().take(128).collect()),
+            regarding: Some(regarding),
+            ..Default::default()
         };
-        self.recorder.publish(&event, &reference).await
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &e.service.namespace);
+        api.create(&PostParams::default(), &event).await?;
+        Ok(())
     }
 }

@@ -344,3 +344,36 @@ fn overlapping_pools_get_an_overlaps_condition_naming_the_other() {
         assert!(c.message.contains(&format!("{other:?}")), "{}", c.message);
     }
 }
+
+#[test]
+fn a_shrunk_pool_moves_only_the_service_outside_it() {
+    let gamma = |addresses: &[&str]| {
+        let mut p = (*pool("gamma", addresses)).clone();
+        p.spec.service_allocation = Some(ferrolb_crds::ServiceAllocation {
+            priority: Some(1),
+            namespaces: vec!["default".into()],
+            ..Default::default()
+        });
+        Arc::new(p)
+    };
+    let mut w = World::new(
+        vec![
+            pool("alpha", &["198.18.8.0/28"]),
+            gamma(&["198.18.11.0/29"]),
+        ],
+        vec![lb("e1", 0), lb("e2", 1), lb("e3", 2)],
+    );
+    w.pass();
+    assert_eq!(w.ips("e3"), vec![ip("198.18.11.2")]);
+    w.pools[1] = gamma(&["198.18.11.0/31", "198.18.11.100/32"]);
+    let plan = w.pass();
+    assert_eq!(w.ips("e1"), vec![ip("198.18.11.0")]);
+    assert_eq!(w.ips("e3"), vec![ip("198.18.11.100")], "{plan:?}");
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.message.contains("replacing 198.18.11.2")),
+        "{:?}",
+        plan.events
+    );
+}

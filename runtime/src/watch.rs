@@ -31,10 +31,21 @@ impl Runtime {
             .default_backoff()
             .reflect(writer);
         let changes = self.changes.clone();
+        let store = reader.clone();
         self.spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // The gate opens on the stream's own "initial list done" event,
+            // not via `Store::wait_until_ready`: that future wakes only its
+            // most recent waiter, so a second waiter could hang forever.
+            let mut synced = false;
             while let Some(event) = stream.next().await {
                 match event {
+                    Ok(watcher::Event::InitDone) if !synced => {
+                        synced = true;
+                        gate.open();
+                        tracing::info!(resource = what, objects = store.state().len(), "cache synced");
+                        changes.notify_one();
+                    }
                     Ok(_) => changes.notify_one(),
                     Err(error) => {
                         tracing::warn!(%error, resource = what, "watch failed; retrying with backoff")
@@ -42,17 +53,6 @@ impl Runtime {
                 }
             }
             tracing::warn!(resource = what, "watch stream ended");
-        });
-        let synced = reader.clone();
-        self.spawn(async move {
-            if synced.wait_until_ready().await.is_ok() {
-                tracing::info!(
-                    resource = what,
-                    objects = synced.state().len(),
-                    "cache synced"
-                );
-                gate.open();
-            }
         });
         reader
     }

@@ -87,13 +87,23 @@ fn checks(lab: &Lab) -> Result<()> {
     done(t);
 
     let t = step("kubectl explain shows our field descriptions");
-    let explain = lab.kubectl_ok(&["explain", "ippool.spec.addresses"])?;
-    ensure!(
-        explain.contains("Addresses this pool hands out"),
-        "{explain}"
-    );
-    let explain = lab.kubectl_ok(&["explain", "l2adv.spec.interfaces"])?;
-    ensure!(explain.contains("eligible interface"), "{explain}");
+    // The API server publishes a new CRD's OpenAPI a few seconds after it is
+    // Established, so explain is retried until it answers.
+    for (path, needle) in [
+        ("ippool.spec.addresses", "Addresses this pool hands out"),
+        ("l2adv.spec.interfaces", "eligible interface"),
+    ] {
+        let mut last = String::new();
+        common::wait_until(
+            &format!("kubectl explain {path}"),
+            std::time::Duration::from_secs(60),
+            || {
+                last = common::both(&lab.kubectl(&["explain", path]));
+                Ok(last.contains(needle))
+            },
+        )
+        .with_context(|| format!("kubectl explain {path} said:\n{last}"))?;
+    }
     done(t);
 
     let t = step("a full valid pool is stored, with defaults applied");

@@ -29,8 +29,20 @@ pub fn up(prefix: &str, opts: &UpOptions) -> Result<Option<Lab>> {
 }
 
 /// Runs `body` against `lab` and always takes the lab down afterwards.
+/// On failure the lab's logs are copied to /tmp/ferrolb-test-logs/<prefix>
+/// first, since `down` removes them.
 pub fn with_lab(lab: Lab, body: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     let result = body(&lab);
+    if result.is_err() {
+        let keep = Path::new("/tmp/ferrolb-test-logs").join(lab.prefix.as_str());
+        let _ = std::fs::create_dir_all(&keep);
+        if let Ok(entries) = std::fs::read_dir(lab.state().root().join("logs")) {
+            for e in entries.flatten() {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        eprintln!("lab logs kept in {}", keep.display());
+    }
     let down = lab.down();
     result.and(down)
 }
