@@ -21,9 +21,11 @@ const BULK: usize = 1000;
 
 #[test]
 fn controller_end_to_end() -> Result<()> {
+    // Dual-stack, so RequireDualStack Services exist to be served.
     let opts = UpOptions {
         nodes: 1,
         proxy: ProxyMode::None,
+        ip_family: ferrolb_lab::addresses::IpFamily::Dual,
         ..Default::default()
     };
     let Some(lab) = common::up(PREFIX, &opts)? else {
@@ -336,6 +338,32 @@ fn scenario(lab: &Lab) -> Result<()> {
         &["AllocationFailed", "no allow-shared-ip"],
     )?;
     ensure!(condition(lab, "default", "no-key")? == "False IPInUse");
+    done(t);
+
+    let t = step(
+        "dual-stack: RequireDualStack gets one IP per family from one pool, primary family first",
+    );
+    lab.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: dual}\n---\napiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: dual}\nspec:\n  addresses: [198.18.14.0/29, \"2001:db8::8:0/112\"]\n  serviceAllocation: {priority: 1, namespaces: [dual]}\n",
+    )?;
+    lab.apply(&service(
+        "dual",
+        "both",
+        &[],
+        "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n",
+        &[(80, "TCP")],
+    ))?;
+    let both = wait_ips(lab, "dual", "both")?;
+    ensure!(both == ["2001:db8::8:0", "198.18.14.0"], "{both:?}");
+    ensure!(annotation(lab, "dual", "both")? == "dual");
+    lab.apply(&service(
+        "dual",
+        "v6only",
+        &[],
+        "  ipFamilies: [IPv6]\n",
+        &[(80, "TCP")],
+    ))?;
+    ensure!(wait_ips(lab, "dual", "v6only")? == ["2001:db8::8:1"]);
     done(t);
 
     let t = step(
