@@ -69,6 +69,32 @@ impl Kubectl {
         )
     }
 
+    /// Applies CRD manifests server-side and waits until each is
+    /// Established, so the API serves their kinds when this returns.
+    pub fn apply_crds(&self, files: &[std::path::PathBuf]) -> Result<(), KubectlError> {
+        for f in files {
+            let p = f.display().to_string();
+            self.run(
+                &["apply", "--server-side", "--force-conflicts", "-f", &p],
+                None,
+            )?;
+        }
+        for f in files {
+            let p = f.display().to_string();
+            self.run(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=30s",
+                    "-f",
+                    &p,
+                ],
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
     /// True once the API server answers /readyz with ok.
     pub fn ready(&self) -> bool {
         self.run(&["get", "--raw", "/readyz", "--request-timeout=2s"], None)

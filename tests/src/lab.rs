@@ -6,7 +6,7 @@
 //! use ferrolb_lab::lab::{Lab, LabEnvironment};
 //! use ferrolb_lab::state::UpOptions;
 //! if let LabEnvironment::Skip(why) = LabEnvironment::check() { eprintln!("skipped: {why}"); return Ok(()); }
-//! let lab = Lab::up(env!("CARGO_BIN_EXE_ferrolb-lab").as_ref(), "flbt", &UpOptions::default())?;
+//! let lab = Lab::up("target/debug/ferrolb-lab".as_ref(), "flbt", &UpOptions::default())?;
 //! let out = lab.kubectl(&["get", "nodes"]);
 //! lab.down()?;
 //! # Ok(()) }
@@ -237,23 +237,7 @@ impl Lab {
     /// Returns the files applied (empty if none are generated yet).
     pub fn apply_crds(&self) -> Result<Vec<PathBuf>> {
         let files = components::crd_files();
-        for f in &files {
-            let p = f.display().to_string();
-            self.kubectl.run(
-                &["apply", "--server-side", "--force-conflicts", "-f", &p],
-                None,
-            )?;
-            self.kubectl.run(
-                &[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=30s",
-                    "-f",
-                    &p,
-                ],
-                None,
-            )?;
-        }
+        self.kubectl.apply_crds(&files)?;
         Ok(files)
     }
 

@@ -353,28 +353,9 @@ impl Supervisor {
             ));
         } else {
             self.progress(&format!("applying {} CRD manifest(s)", crds.len()));
-            for f in &crds {
-                let text =
-                    fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-                self.kubectl
-                    .apply(&text)
-                    .with_context(|| format!("applying {}", f.display()))?;
-            }
-            for f in &crds {
-                let p = f.display().to_string();
-                self.kubectl
-                    .run(
-                        &[
-                            "wait",
-                            "--for=condition=Established",
-                            "--timeout=30s",
-                            "-f",
-                            &p,
-                        ],
-                        None,
-                    )
-                    .with_context(|| format!("waiting for {p}"))?;
-            }
+            self.kubectl
+                .apply_crds(&crds)
+                .context("applying the generated CRDs")?;
         }
         let rbac = components::rbac_path();
         let Ok(template) = fs::read_to_string(&rbac) else {

@@ -465,7 +465,7 @@ fn scenario(lab: &Lab) -> Result<()> {
         .map(|i| lb("bulk", &format!("s{i:04}"), &[]))
         .collect();
     let created = Instant::now();
-    let out = std::process::Command::new(lab_kubectl(lab)?)
+    let out = std::process::Command::new(lab_kubectl()?)
         .args([
             "--kubeconfig",
             &lab.kubeconfig_path().display().to_string(),
@@ -500,7 +500,7 @@ fn scenario(lab: &Lab) -> Result<()> {
             })
             .collect())
     };
-    let took = wait_until(
+    wait_until(
         &format!("{BULK} bulk Services to get IPs"),
         Duration::from_secs(180),
         || Ok(bulk_ips()?.len() == BULK),
@@ -509,14 +509,12 @@ fn scenario(lab: &Lab) -> Result<()> {
         "    {BULK} Services created and assigned in {:.1}s",
         (created.elapsed()).as_secs_f64()
     );
-    let _ = took;
     let before = bulk_ips()?;
     ensure!(
         before.values().collect::<BTreeSet<_>>().len() == BULK,
         "bulk IPs are distinct"
     );
     cli(lab, &["kill", "controller"])?;
-    let restarted = Instant::now();
     cli(lab, &["start", "controller"])?;
     // The killed leader never released its Lease, so the new process waits
     // for it to expire (15 s) before it may write.
@@ -535,7 +533,6 @@ fn scenario(lab: &Lab) -> Result<()> {
         "    restart converged in {:.1}s (including the Lease expiry)",
         converged.as_secs_f64()
     );
-    let _ = restarted;
     std::thread::sleep(Duration::from_secs(2));
     let after = bulk_ips()?;
     let moved: Vec<_> = before
@@ -608,8 +605,7 @@ fn scenario(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn lab_kubectl(lab: &Lab) -> Result<std::path::PathBuf> {
-    let _ = lab;
+fn lab_kubectl() -> Result<std::path::PathBuf> {
     let v = ferrolb_lab::control_plane::versions()?;
     Ok(ferrolb_lab::control_plane::bin_dir(&v).join("kubectl"))
 }

@@ -683,16 +683,10 @@ impl Allocator {
                 ports: svc.ports.clone(),
             },
         );
-        let pools = ips
-            .iter()
-            .map(|ip| {
-                self.ips
-                    .get(ip)
-                    .and_then(|u| u.pool.clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        Assignment { ips, pools }
+        self.assignment(&svc.key).unwrap_or(Assignment {
+            ips,
+            pools: Vec::new(),
+        })
     }
 }
 
