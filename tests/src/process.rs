@@ -169,6 +169,11 @@ mod tests {
             .unwrap();
         let pid = child.id();
         assert!(alive(pid));
+        // Until the child has exec'd, /proc shows the parent's environment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while lab_processes(&prefix).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(lab_processes(&prefix), vec![pid]);
         let other: Prefix = "zzproc2".parse().unwrap();
         assert!(
