@@ -4,9 +4,9 @@
 use std::fmt::Debug;
 
 use futures::StreamExt;
-use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::Runtime;
@@ -29,6 +29,9 @@ impl Runtime {
         let gate = self.readiness.gate(what);
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
+            // managedFields are often the largest part of an object and no
+            // component reads them; dropping them keeps caches small.
+            .modify(|obj| obj.managed_fields_mut().clear())
             .reflect(writer);
         let changes = self.changes.clone();
         let store = reader.clone();
