@@ -234,12 +234,7 @@ impl Index {
             Ok(outcome) => {
                 let asg = outcome.assignment().clone();
                 let pools = asg.pool_names().join(",");
-                let ips = asg
-                    .ips
-                    .iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let ips = ip_list(&asg.ips);
                 let message = format!("{ips} from IPAddressPool {pools}");
                 if let Outcome::Allocated {
                     previous, replaced, ..
@@ -247,11 +242,7 @@ impl Index {
                 {
                     let mut text = format!("Assigned {message}");
                     if let Some(why) = replaced {
-                        let old = previous
-                            .iter()
-                            .map(|i| i.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ");
+                        let old = ip_list(&previous);
                         text.push_str(&format!(" (replacing {old}: {why})"));
                     }
                     self.report(plan, &req.key, Severity::Normal, "IPAllocated", &text);
@@ -271,11 +262,7 @@ impl Index {
                 plan.failures.push(e.reason());
                 let mut message = e.to_string();
                 if !status_ips.is_empty() {
-                    let old = status_ips
-                        .iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let old = ip_list(&status_ips);
                     message.push_str(&format!(" (released {old})"));
                 }
                 self.report(
@@ -335,11 +322,7 @@ impl Index {
             pool_annotation: Some(None),
         };
         if !ips.is_empty() {
-            let list = ips
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
+            let list = ip_list(&ips);
             plan.events.push(EventPlan {
                 service: key,
                 severity: Severity::Normal,
@@ -530,4 +513,12 @@ fn condition(
         last_transition_time: since,
         observed_generation: None,
     }
+}
+
+/// "198.18.8.1, 2001:db8::8:1", for messages.
+fn ip_list(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -46,18 +46,23 @@ fn lb(name: &str, age: i64) -> Service {
     }
 }
 
+/// `status.loadBalancer` holding `ips`.
+fn lb_status<T: ToString>(ips: &[T]) -> LoadBalancerStatus {
+    LoadBalancerStatus {
+        ingress: Some(
+            ips.iter()
+                .map(|ip| LoadBalancerIngress {
+                    ip: Some(ip.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
 fn with_status(mut svc: Service, ips: &[&str]) -> Service {
     svc.status = Some(ServiceStatus {
-        load_balancer: Some(LoadBalancerStatus {
-            ingress: Some(
-                ips.iter()
-                    .map(|ip| LoadBalancerIngress {
-                        ip: Some(ip.to_string()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-        }),
+        load_balancer: Some(lb_status(ips)),
         conditions: None,
     });
     svc
@@ -100,16 +105,7 @@ impl World {
                 .expect("write for a known service");
             let status = svc.status.get_or_insert_with(Default::default);
             if let Some(ips) = &write.ingress {
-                status.load_balancer = Some(LoadBalancerStatus {
-                    ingress: Some(
-                        ips.iter()
-                            .map(|ip| LoadBalancerIngress {
-                                ip: Some(ip.to_string()),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    ),
-                });
+                status.load_balancer = Some(lb_status(ips));
             }
             if let Some(conditions) = &write.conditions {
                 status.conditions = Some(conditions.clone());
