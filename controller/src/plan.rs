@@ -242,7 +242,7 @@ impl Index {
                 {
                     let mut text = format!("Assigned {message}");
                     if let Some(why) = replaced {
-                        let old = ip_list(&previous);
+                        let old = ip_list(previous);
                         text.push_str(&format!(" (replacing {old}: {why})"));
                     }
                     self.report(plan, &req.key, Severity::Normal, "IPAllocated", &text);
@@ -262,7 +262,7 @@ impl Index {
                 plan.failures.push(e.reason());
                 let mut message = e.to_string();
                 if !status_ips.is_empty() {
-                    let old = ip_list(&status_ips);
+                    let old = ip_list(status_ips);
                     message.push_str(&format!(" (released {old})"));
                 }
                 self.report(
