@@ -212,9 +212,12 @@ impl Lab {
     /// Applies a manifest with `--dry-run=server`: validation (schema, CEL,
     /// admission) runs for real, nothing is stored. Returns kubectl's output.
     pub fn kubectl_dry_run(&self, manifest: &str) -> Result<Output> {
-        Ok(self
-            .kubectl
-            .output(&["apply", "--dry-run=server", "-f", "-"], Some(manifest))?)
+        self.kubectl_with_input(&["apply", "--dry-run=server", "-f", "-"], manifest)
+    }
+
+    /// Runs kubectl with `input` on its standard input (e.g. `create -f -`).
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<Output> {
+        Ok(self.kubectl.output(args, Some(input))?)
     }
 
     /// Runs `cmd` in `client`, `node-N` or `pod/NS/NAME`.

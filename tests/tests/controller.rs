@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -188,14 +188,7 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
 }
 
 fn cli(lab: &Lab, args: &[&str]) -> Result<()> {
-    let out = lab.cli(args)?;
-    ensure!(
-        out.status.success(),
-        "ferrolb-lab {}: {}",
-        args.join(" "),
-        common::both(&out)
-    );
-    Ok(())
+    common::cli_ok(lab, args).map(drop)
 }
 
 const LAB_CONTROLLER_METRICS: &str = "198.18.0.1:7472";
@@ -465,26 +458,7 @@ fn scenario(lab: &Lab) -> Result<()> {
         .map(|i| lb("bulk", &format!("s{i:04}"), &[]))
         .collect();
     let created = Instant::now();
-    let out = std::process::Command::new(lab_kubectl()?)
-        .args([
-            "--kubeconfig",
-            &lab.kubeconfig_path().display().to_string(),
-            "create",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .expect("stdin")
-                .write_all(docs.join("---\n").as_bytes())?;
-            c.wait_with_output()
-        })?;
+    let out = lab.kubectl_with_input(&["create", "-f", "-"], &docs.join("---\n"))?;
     ensure!(
         out.status.success(),
         "creating {BULK} Services: {}",
@@ -603,11 +577,6 @@ fn scenario(lab: &Lab) -> Result<()> {
     assert_no_duplicates(lab)?;
     done(t);
     Ok(())
-}
-
-fn lab_kubectl() -> Result<std::path::PathBuf> {
-    let v = ferrolb_lab::control_plane::versions()?;
-    Ok(ferrolb_lab::control_plane::bin_dir(&v).join("kubectl"))
 }
 
 /// A second controller replica, run by the test with the same ServiceAccount.

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{done, exe, step, wait_until};
+use common::{cli_ok, done, exe, step, wait_until};
 use ferrolb_lab::addresses::IpFamily;
 use ferrolb_lab::echo::parse_reply;
 use ferrolb_lab::lab::Lab;
@@ -58,20 +58,19 @@ spec:
   containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
 ";
 
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs a `ferrolb-lab` subcommand that must succeed; returns its stdout.
-fn cli_ok(lab: &Lab, args: &[&str]) -> Result<String> {
-    let out = lab.cli(args)?;
-    ensure!(
-        out.status.success(),
-        "ferrolb-lab {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout(&out))
+/// Waits until every pod matching `selector` in `default` is Ready.
+fn wait_pods_ready(lab: &Lab, selector: &str, timeout: &str) -> Result<()> {
+    lab.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        selector,
+        "-n",
+        "default",
+        &format!("--timeout={timeout}"),
+    ])?;
+    Ok(())
 }
 
 fn pod_ip(lab: &Lab, name: &str) -> Result<String> {
@@ -117,7 +116,7 @@ fn endpoint_ips(lab: &Lab, service: &str) -> Result<Vec<(String, bool)>> {
 
 fn curl(lab: &Lab, from: &str, url: &str) -> Result<(String, std::net::SocketAddr)> {
     let out = lab.exec(from, &["curl", "-s", "-m", "3", url])?;
-    let body = stdout(&out);
+    let body = common::text(&out.stdout);
     parse_reply(&body).with_context(|| {
         format!(
             "curl {url} from {from}: {:?} {}",
@@ -162,16 +161,7 @@ fn lab_cycle() -> Result<()> {
         "default",
         "--timeout=90s",
     ])?;
-    lab.kubectl_ok(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod",
-        "-l",
-        "app=pinned",
-        "-n",
-        "default",
-        "--timeout=60s",
-    ])?;
+    wait_pods_ready(&lab, "app=pinned", "60s")?;
     let names = lab.kubectl_ok(&[
         "get",
         "pods",
@@ -188,10 +178,13 @@ fn lab_cycle() -> Result<()> {
     for name in &names {
         let ip = pod_ip(&lab, name)?;
         // The IP the API shows is really configured inside that pod's netns.
-        let addrs = stdout(&lab.exec(
-            &format!("pod/default/{name}"),
-            &["ip", "-o", "addr", "show", "dev", "eth0"],
-        )?);
+        let addrs = common::text(
+            &lab.exec(
+                &format!("pod/default/{name}"),
+                &["ip", "-o", "addr", "show", "dev", "eth0"],
+            )?
+            .stdout,
+        );
         ensure!(
             addrs.contains(&format!(" {ip}/")),
             "{name}: {ip} not in its netns: {addrs}"
@@ -225,8 +218,8 @@ fn lab_cycle() -> Result<()> {
         "client",
         &["sh", "-c", &format!("echo hi | socat -t2 - UDP:{ip}:5353")],
     )?;
-    let (pod, _) =
-        parse_reply(&stdout(&udp)).with_context(|| format!("udp reply: {:?}", stdout(&udp)))?;
+    let (pod, _) = parse_reply(&common::text(&udp.stdout))
+        .with_context(|| format!("udp reply: {:?}", common::text(&udp.stdout)))?;
     ensure!(pod == target, "udp answered by {pod}");
     done(t);
 
@@ -322,16 +315,7 @@ fn lab_cycle() -> Result<()> {
 
     let t = step("dual-stack: pods get IPv6 addresses reachable from the client");
     lab.apply(WORKLOAD)?;
-    lab.kubectl_ok(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod",
-        "-l",
-        "app=pinned",
-        "-n",
-        "default",
-        "--timeout=60s",
-    ])?;
+    wait_pods_ready(&lab, "app=pinned", "60s")?;
     let v6 = lab.kubectl_ok(&[
         "get",
         "pod",

@@ -47,6 +47,18 @@ pub fn with_lab(lab: Lab, body: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     result.and(down)
 }
 
+/// Runs a `ferrolb-lab` subcommand that must succeed; returns its stdout.
+pub fn cli_ok(lab: &Lab, args: &[&str]) -> Result<String> {
+    let out = lab.cli(args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ferrolb-lab {}: {}",
+        args.join(" "),
+        both(&out)
+    );
+    Ok(text(&out.stdout))
+}
+
 pub fn step(name: &str) -> Instant {
     eprintln!("\n=== step: {name}");
     Instant::now()
