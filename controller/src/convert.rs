@@ -5,11 +5,14 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_crds::annotations::{
-    ADDRESS_POOL_ALIASES, ALLOW_SHARED_IP_ALIASES, LOAD_BALANCER_IPS_ALIASES,
+    ADDRESS_POOL_ALIASES, ALLOW_SHARED_IP_ALIASES, IP_ALLOCATED_FROM_POOL,
+    LOAD_BALANCER_IPS_ALIASES,
 };
 use ferrolb_crds::{IPAddressPool, parse_addresses};
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+
+use crate::plan::SERVICE_CONDITION;
 
 use crate::allocator::{
     Allocation, Family, FamilyPolicy, Labels, Operator, Pool, Port, Requirement, Selector,
@@ -46,6 +49,58 @@ pub fn service_key(svc: &Service) -> ServiceKey {
     )
 }
 
+/// One Service as a reconcile pass sees it, converted once at the edge: who
+/// it is, what it asks for, and what its status and annotation hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceView {
+    pub key: ServiceKey,
+    pub uid: Option<String>,
+    pub created: Option<Time>,
+    /// `type: LoadBalancer` of this controller's class.
+    pub ours: bool,
+    pub load_balancer: bool,
+    /// What it asks for. When part of the Service cannot be understood
+    /// (`problem`), that part is left out, so the IPs it already holds can
+    /// still be kept and reserved.
+    pub request: ServiceRequest,
+    /// Why the Service's request is invalid, naming the field.
+    pub problem: Option<String>,
+    /// The IPs `status.loadBalancer.ingress` holds (hostnames ignored).
+    pub status_ips: Vec<IpAddr>,
+    /// `ferrolb.io/ip-allocated-from-pool`.
+    pub pool_annotation: Option<String>,
+    /// Our condition, as the status holds it.
+    pub condition: Option<Condition>,
+}
+
+impl ServiceView {
+    pub fn new(svc: &Service, namespace_labels: &Labels, filter: &ClassFilter) -> Self {
+        let status_ips = status_ips(svc);
+        let (request, problem) = service_request(svc, namespace_labels, &status_ips);
+        Self {
+            key: service_key(svc),
+            uid: svc.metadata.uid.clone(),
+            created: svc.metadata.creation_timestamp.clone(),
+            ours: filter.is_ours(svc),
+            load_balancer: svc.spec.as_ref().and_then(|s| s.type_.as_deref())
+                == Some("LoadBalancer"),
+            request,
+            problem,
+            status_ips,
+            pool_annotation: svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(IP_ALLOCATED_FROM_POOL).cloned()),
+            condition: svc
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == SERVICE_CONDITION).cloned()),
+        }
+    }
+}
+
 /// The IPs `status.loadBalancer.ingress` holds (hostnames ignored).
 pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
     svc.status
@@ -61,12 +116,23 @@ pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
-/// Builds the allocator's view of a Service we serve.
-pub fn service_request(svc: &Service, namespace_labels: &Labels) -> Result<ServiceRequest, String> {
+/// Builds the allocator's view of a Service we serve, and the first problem
+/// found in it. A part that cannot be understood is left out of the
+/// request: unknown `spec.ipFamilies` fall back to the families the status
+/// holds; unparsable requested IPs are dropped.
+pub fn service_request(
+    svc: &Service,
+    namespace_labels: &Labels,
+    status_ips: &[IpAddr],
+) -> (ServiceRequest, Option<String>) {
     let spec = svc.spec.clone().unwrap_or_default();
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    let mut problem: Option<String> = None;
+    let mut note = |p: String| {
+        problem.get_or_insert(p);
+    };
 
-    let families = match spec.ip_families.as_deref() {
+    let parsed: Result<Vec<Family>, String> = match spec.ip_families.as_deref() {
         Some(list) if !list.is_empty() => list
             .iter()
             .map(|f| match f.as_str() {
@@ -74,39 +140,35 @@ pub fn service_request(svc: &Service, namespace_labels: &Labels) -> Result<Servi
                 "IPv6" => Ok(Family::V6),
                 other => Err(format!("spec.ipFamilies: unknown family {other:?}")),
             })
-            .collect::<Result<Vec<_>, _>>()?,
+            .collect(),
         // Older API servers may omit it; the cluster default is IPv4.
-        _ => vec![Family::V4],
+        _ => Ok(vec![Family::V4]),
     };
+    let families = parsed.unwrap_or_else(|e| {
+        note(e);
+        let mut held: Vec<Family> = Vec::new();
+        for f in status_ips.iter().map(|ip| Family::of(*ip)) {
+            if !held.contains(&f) {
+                held.push(f);
+            }
+        }
+        if held.is_empty() {
+            vec![Family::V4]
+        } else {
+            held
+        }
+    });
     let policy = match spec.ip_family_policy.as_deref() {
         Some("PreferDualStack") => FamilyPolicy::PreferDualStack,
         Some("RequireDualStack") => FamilyPolicy::RequireDualStack,
         _ => FamilyPolicy::SingleStack,
     };
 
-    let mut requested_ips = Vec::new();
-    if let Some((name, value)) = LOAD_BALANCER_IPS_ALIASES.lookup(&annotations) {
-        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let ip: IpAddr = part
-                .parse()
-                .map_err(|_| format!("annotation {name}: {part:?} is not an IP address"))?;
-            requested_ips.push(ip);
-        }
-        if spec
-            .load_balancer_ip
-            .as_deref()
-            .is_some_and(|s| !s.is_empty())
-        {
-            return Err(format!(
-                "both spec.loadBalancerIP and annotation {name} ask for IPs; use only the annotation"
-            ));
-        }
-    } else if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
-        requested_ips.push(
-            ip.parse()
-                .map_err(|_| format!("spec.loadBalancerIP: {ip:?} is not an IP address"))?,
-        );
-    }
+    let requested_ips = requested_ips(&annotations, spec.load_balancer_ip.as_deref())
+        .unwrap_or_else(|e| {
+            note(e);
+            Vec::new()
+        });
 
     let ports = spec
         .ports
@@ -129,7 +191,7 @@ pub fn service_request(svc: &Service, namespace_labels: &Labels) -> Result<Servi
         String::new()
     };
 
-    Ok(ServiceRequest {
+    let request = ServiceRequest {
         key: service_key(svc),
         labels: svc.metadata.labels.clone().unwrap_or_default(),
         namespace_labels: namespace_labels.clone(),
@@ -144,7 +206,40 @@ pub fn service_request(svc: &Service, namespace_labels: &Labels) -> Result<Servi
         requested_pool: ADDRESS_POOL_ALIASES
             .lookup(&annotations)
             .map(|(_, v)| v.to_string()),
-    })
+    };
+    (request, problem)
+}
+
+/// IPs asked for by annotation (ours first, then MetalLB's) or by
+/// `spec.loadBalancerIP`; asking both ways is an error.
+fn requested_ips(
+    annotations: &BTreeMap<String, String>,
+    spec_ip: Option<&str>,
+) -> Result<Vec<IpAddr>, String> {
+    let spec_ip = spec_ip.filter(|s| !s.is_empty());
+    if let Some((name, value)) = LOAD_BALANCER_IPS_ALIASES.lookup(annotations) {
+        if spec_ip.is_some() {
+            return Err(format!(
+                "both spec.loadBalancerIP and annotation {name} ask for IPs; use only the annotation"
+            ));
+        }
+        return value
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|part| {
+                part.parse()
+                    .map_err(|_| format!("annotation {name}: {part:?} is not an IP address"))
+            })
+            .collect();
+    }
+    match spec_ip {
+        Some(ip) => ip
+            .parse()
+            .map(|ip| vec![ip])
+            .map_err(|_| format!("spec.loadBalancerIP: {ip:?} is not an IP address")),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Builds the allocator's view of a pool; the error names the bad field.
@@ -226,6 +321,14 @@ mod tests {
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use kube::api::ObjectMeta;
 
+    /// The request, or the problem found in it.
+    fn parse(svc: &Service) -> Result<ServiceRequest, String> {
+        match service_request(svc, &Labels::new(), &[]) {
+            (r, None) => Ok(r),
+            (_, Some(p)) => Err(p),
+        }
+    }
+
     fn lb(annotations: &[(&str, &str)], spec: ServiceSpec) -> Service {
         Service {
             metadata: ObjectMeta {
@@ -279,7 +382,7 @@ mod tests {
             ],
             ServiceSpec::default(),
         );
-        let r = service_request(&svc, &Labels::new()).unwrap();
+        let r = parse(&svc).unwrap();
         assert_eq!(r.requested_pool.as_deref(), Some("old"));
         assert_eq!(r.sharing_key.as_deref(), Some("k"));
         let svc = lb(
@@ -289,13 +392,7 @@ mod tests {
             ],
             ServiceSpec::default(),
         );
-        assert_eq!(
-            service_request(&svc, &Labels::new())
-                .unwrap()
-                .requested_pool
-                .as_deref(),
-            Some("ours")
-        );
+        assert_eq!(parse(&svc).unwrap().requested_pool.as_deref(), Some("ours"));
     }
 
     #[test]
@@ -307,7 +404,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let e = service_request(&svc, &Labels::new()).unwrap_err();
+        let e = parse(&svc).unwrap_err();
         assert!(
             e.contains("spec.loadBalancerIP") && e.contains("ferrolb.io/loadBalancerIPs"),
             "{e}"
@@ -320,18 +417,12 @@ mod tests {
             &[("metallb.io/loadBalancerIPs", "198.18.8.1, 2001:db8::8:1")],
             ServiceSpec::default(),
         );
-        assert_eq!(
-            service_request(&svc, &Labels::new())
-                .unwrap()
-                .requested_ips
-                .len(),
-            2
-        );
+        assert_eq!(parse(&svc).unwrap().requested_ips.len(), 2);
         let svc = lb(
             &[("ferrolb.io/loadBalancerIPs", "198.18.8.x")],
             ServiceSpec::default(),
         );
-        let e = service_request(&svc, &Labels::new()).unwrap_err();
+        let e = parse(&svc).unwrap_err();
         assert!(
             e.contains("ferrolb.io/loadBalancerIPs") && e.contains("198.18.8.x"),
             "{e}"
@@ -344,7 +435,7 @@ mod tests {
             },
         );
         assert_eq!(
-            service_request(&svc, &Labels::new()).unwrap().requested_ips,
+            parse(&svc).unwrap().requested_ips,
             vec!["198.18.8.3".parse::<IpAddr>().unwrap()]
         );
     }
@@ -363,7 +454,7 @@ mod tests {
             ip_family_policy: Some("RequireDualStack".into()),
             ..Default::default()
         };
-        let r = service_request(&lb(&[], spec), &Labels::new()).unwrap();
+        let r = parse(&lb(&[], spec)).unwrap();
         assert_eq!(r.backend_key, "app=web");
         assert_eq!(r.families, vec![Family::V6, Family::V4]);
         assert_eq!(r.policy, FamilyPolicy::RequireDualStack);

@@ -27,8 +27,10 @@ pub struct Metrics {
     pub pool_addresses: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     pub pool_in_use: Family<PoolLabels, Gauge>,
     pub services_allocated: Gauge,
+    pub services_pending: Gauge,
     pub allocation_failures: Family<ReasonLabels, Counter>,
     pub write_errors: Counter,
+    pub writes: Counter,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
 }
@@ -39,8 +41,10 @@ impl Metrics {
             pool_addresses: Family::default(),
             pool_in_use: Family::default(),
             services_allocated: Gauge::default(),
+            services_pending: Gauge::default(),
             allocation_failures: Family::default(),
             write_errors: Counter::default(),
+            writes: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             leader: Gauge::default(),
         };
@@ -60,14 +64,24 @@ impl Metrics {
             m.services_allocated.clone(),
         );
         registry.register(
+            "services_pending",
+            "LoadBalancer Services of this controller's class without an IP",
+            m.services_pending.clone(),
+        );
+        registry.register(
             "allocation_failures",
-            "Refused allocations, by reason",
+            "Refusals, by reason, each counted once when it happens",
             m.allocation_failures.clone(),
         );
         registry.register(
             "api_write_errors",
             "Failed writes to the API server",
             m.write_errors.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes started against the API server (Service, pool status, Event)",
+            m.writes.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",

@@ -2,17 +2,16 @@
 //! Events that bring the cluster in line out. The shell (`run.rs`) performs
 //! them; tests call [`Index::pass`] directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ferrolb_crds::annotations::IP_ALLOCATED_FROM_POOL;
 use ferrolb_crds::{IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::allocator::{Allocator, Family, Labels, Outcome, Pool, ServiceKey, ServiceRequest};
-use crate::convert::{self, ClassFilter};
+use crate::convert::{self, ClassFilter, ServiceView};
 
 /// Condition type FerroLB sets on Services it serves.
 pub const SERVICE_CONDITION: &str = "ferrolb.io/IPAllocated";
@@ -32,8 +31,11 @@ pub struct Plan {
     pub services: Vec<ServiceWrite>,
     pub pools: Vec<PoolWrite>,
     pub events: Vec<EventPlan>,
-    /// Reasons of allocations refused in this pass (for metrics).
+    /// Refusals first reported in this pass (for metrics): a refusal that
+    /// persists is counted once, when it happens.
     pub failures: Vec<&'static str>,
+    /// Our Services without any IP once this plan is applied.
+    pub pending: usize,
 }
 
 /// Fields of one Service to change. `None` leaves a field alone.
@@ -42,8 +44,9 @@ pub struct ServiceWrite {
     pub key: ServiceKey,
     /// New `status.loadBalancer.ingress` IPs (empty clears it).
     pub ingress: Option<Vec<IpAddr>>,
-    /// New `status.conditions` (ours replaced, others kept), if it changes.
-    pub conditions: Option<Vec<Condition>>,
+    /// Our condition in `status.conditions`; `Some(None)` removes it. Only
+    /// ours is written, so other controllers' conditions are never touched.
+    pub condition: Option<Option<Condition>>,
     /// New value of the pool annotation; `Some(None)` removes it.
     pub pool_annotation: Option<Option<String>>,
 }
@@ -63,6 +66,7 @@ pub enum Severity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventPlan {
     pub service: ServiceKey,
+    pub uid: Option<String>,
     pub severity: Severity,
     pub reason: &'static str,
     pub message: String,
@@ -72,7 +76,7 @@ pub struct EventPlan {
 struct Desired {
     ingress: Vec<IpAddr>,
     pool: Option<String>,
-    condition: Option<(bool, String, String)>,
+    condition: Option<(bool, &'static str, String)>,
 }
 
 /// The controller's memory between passes.
@@ -106,8 +110,8 @@ impl Index {
         &self.allocator
     }
 
-    /// Forget everything held, e.g. when leadership is lost: the next leader
-    /// (maybe us again) rebuilds from Service statuses.
+    /// Forget everything held, e.g. when a term ends: the next term (maybe
+    /// ours again) rebuilds from Service statuses.
     pub fn reset(&mut self) {
         *self = Self::new(self.filter.clone());
     }
@@ -121,106 +125,82 @@ impl Index {
         let mut plan = Plan::default();
         self.update_pools(inputs.pools);
 
-        let by_key: HashMap<ServiceKey, &Service> = inputs
+        let no_labels = Labels::new();
+        let views: Vec<ServiceView> = inputs
             .services
             .iter()
-            .map(|s| (convert::service_key(s), s.as_ref()))
+            .map(|s| {
+                let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+                let labels = inputs.namespaces.get(ns).unwrap_or(&no_labels);
+                ServiceView::new(s, labels, &self.filter)
+            })
             .collect();
 
-        // Services we hold that are gone or no longer ours.
-        let held: Vec<ServiceKey> = self.allocator.assignments().into_keys().collect();
-        for key in held {
-            if !by_key.contains_key(&key) {
+        // Services we hold that are gone.
+        let present: HashSet<&ServiceKey> = views.iter().map(|v| &v.key).collect();
+        for key in self.allocator.held_keys() {
+            if !present.contains(&key) {
                 self.forget(&key);
             }
         }
         // Held, or carrying our marks (e.g. after a restart), but not ours.
-        let filter = self.filter.clone();
-        for svc in inputs.services.iter().filter(|s| !filter.is_ours(s)) {
-            let key = convert::service_key(svc);
-            let marked = svc
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(IP_ALLOCATED_FROM_POOL));
-            if marked || self.allocator.assignment(&key).is_some() {
-                self.forget(&key);
-                self.release_foreign(svc, &mut plan, inputs.now.clone());
+        for v in views.iter().filter(|v| !v.ours) {
+            let marked = v.pool_annotation.is_some() || v.condition.is_some();
+            if marked || self.allocator.assignment(&v.key).is_some() {
+                self.forget(&v.key);
+                self.release_foreign(v, &mut plan);
             }
         }
 
-        let mut ours: Vec<&Service> = inputs
-            .services
-            .iter()
-            .map(|s| s.as_ref())
-            .filter(|s| self.filter.is_ours(s))
-            .collect();
+        let mut ours: Vec<&ServiceView> = views.iter().filter(|v| v.ours).collect();
         // First come, first served; the key makes ties deterministic.
-        ours.sort_by_key(|s| {
-            (
-                s.metadata.creation_timestamp.clone(),
-                convert::service_key(s),
-            )
-        });
-        let requests: Vec<(&Service, Result<ServiceRequest, String>)> = ours
-            .into_iter()
-            .map(|s| {
-                let ns = s.metadata.namespace.as_deref().unwrap_or_default();
-                let labels = inputs.namespaces.get(ns).cloned().unwrap_or_default();
-                (s, convert::service_request(s, &labels))
-            })
-            .collect();
+        ours.sort_by(|a, b| (&a.created, &a.key).cmp(&(&b.created, &b.key)));
 
         // Restore every IP a status already holds before allocating anything,
-        // so a restart or leader change never moves an IP.
-        for (svc, req) in &requests {
-            if let Ok(req) = req {
-                let ips = convert::status_ips(svc);
-                if !ips.is_empty() && self.allocator.assignment(&req.key).is_none() {
-                    let _ = self.allocator.restore(req, &ips);
-                }
+        // so a restart or leader change never moves an IP. A Service whose
+        // request is invalid is restored from what it holds too: its IPs
+        // stay assigned and reserved.
+        for v in &ours {
+            if !v.status_ips.is_empty() && self.allocator.assignment(&v.key).is_none() {
+                let _ = self.allocator.restore(&v.request, &v.status_ips);
             }
         }
 
-        for (svc, req) in requests {
-            let key = convert::service_key(svc);
-            let status_ips = convert::status_ips(svc);
-            let desired = match req {
-                Err(message) => {
-                    plan.failures.push("InvalidRequest");
-                    self.report(
-                        &mut plan,
-                        &key,
-                        Severity::Warning,
-                        "AllocationFailed",
-                        &message,
-                    );
+        for v in ours {
+            let desired = match &v.problem {
+                Some(message) => {
+                    if self.report(&mut plan, v, Severity::Warning, "AllocationFailed", message) {
+                        plan.failures.push("InvalidRequest");
+                    }
                     // A typo in an annotation must not cost a working IP.
-                    let held = self.allocator.assignment(&key);
+                    let held = self.allocator.assignment(&v.key);
                     Desired {
                         ingress: held.as_ref().map(|a| a.ips.clone()).unwrap_or_default(),
                         pool: held.map(|a| a.pool_names().join(",")),
-                        condition: Some((false, "InvalidRequest".into(), message)),
+                        condition: Some((false, "InvalidRequest", message.clone())),
                     }
                 }
-                Ok(req) => {
-                    let unchanged = self.settled.get(&key)
-                        == Some(&(req.clone(), status_ips.clone()))
-                        && self.allocator.assignment(&key).is_some();
+                None => {
+                    let inputs_now = (v.request.clone(), v.status_ips.clone());
+                    let unchanged = self.settled.get(&v.key) == Some(&inputs_now)
+                        && self.allocator.assignment(&v.key).is_some();
                     if unchanged {
                         continue;
                     }
-                    let desired = self.ensure(&req, &status_ips, &mut plan);
-                    if !desired.ingress.is_empty() {
+                    let (desired, settle) = self.ensure(v, &mut plan);
+                    if settle {
                         self.settled
-                            .insert(key.clone(), (req, desired.ingress.clone()));
+                            .insert(v.key.clone(), (v.request.clone(), desired.ingress.clone()));
                     } else {
-                        self.settled.remove(&key);
+                        self.settled.remove(&v.key);
                     }
                     desired
                 }
             };
-            if let Some(write) = service_write(svc, &desired, inputs.now.clone()) {
+            if desired.ingress.is_empty() {
+                plan.pending += 1;
+            }
+            if let Some(write) = service_write(v, &desired, &inputs.now) {
                 plan.services.push(write);
             }
         }
@@ -229,8 +209,35 @@ impl Index {
         plan
     }
 
-    fn ensure(&mut self, req: &ServiceRequest, status_ips: &[IpAddr], plan: &mut Plan) -> Desired {
-        match self.allocator.ensure(req, status_ips) {
+    /// Runs the allocator for `v`; returns what the Service should show and
+    /// whether that is settled (nothing to retry until its inputs change).
+    fn ensure(&mut self, v: &ServiceView, plan: &mut Plan) -> (Desired, bool) {
+        match self.allocator.ensure(&v.request, &v.status_ips) {
+            Ok(Outcome::Kept { assignment, why }) => {
+                let ips = ip_list(&assignment.ips);
+                let pools = assignment.pool_names().join(",");
+                let pinned =
+                    !v.request.requested_ips.is_empty() || v.request.requested_pool.is_some();
+                let message = if pinned {
+                    format!(
+                        "Kept {ips} although {why}; it was requested, so it stays until the request or the pool changes"
+                    )
+                } else {
+                    format!(
+                        "Kept {ips} although {why}; it moves as soon as a pool that serves this Service has a free address"
+                    )
+                };
+                if self.report(plan, v, Severity::Warning, "PoolNotEligible", &message) {
+                    plan.failures.push(why.reason());
+                }
+                let desired = Desired {
+                    ingress: assignment.ips,
+                    pool: Some(pools),
+                    condition: Some((true, why.reason(), message)),
+                };
+                // Not settled: every pass looks for a pool that serves it.
+                (desired, false)
+            }
             Ok(outcome) => {
                 let asg = outcome.assignment().clone();
                 let pools = asg.pool_names().join(",");
@@ -245,61 +252,62 @@ impl Index {
                         let old = ip_list(previous);
                         text.push_str(&format!(" (replacing {old}: {why})"));
                     }
-                    self.report(plan, &req.key, Severity::Normal, "IPAllocated", &text);
+                    self.report(plan, v, Severity::Normal, "IPAllocated", &text);
                 } else {
                     // Quietly settled; forget an older refusal so a future
                     // one is reported again.
                     self.reported
-                        .insert(req.key.clone(), format!("IPAllocated:{message}"));
+                        .insert(v.key.clone(), format!("IPAllocated:{message}"));
                 }
-                Desired {
+                let desired = Desired {
                     ingress: asg.ips,
                     pool: Some(pools),
-                    condition: Some((true, "Allocated".into(), message)),
-                }
+                    condition: Some((true, "Allocated", message)),
+                };
+                (desired, true)
             }
             Err(e) => {
-                plan.failures.push(e.reason());
                 let mut message = e.to_string();
-                if !status_ips.is_empty() {
-                    let old = ip_list(status_ips);
+                if !v.status_ips.is_empty() {
+                    let old = ip_list(&v.status_ips);
                     message.push_str(&format!(" (released {old})"));
                 }
-                self.report(
-                    plan,
-                    &req.key,
-                    Severity::Warning,
-                    "AllocationFailed",
-                    &message,
-                );
-                Desired {
+                if self.report(plan, v, Severity::Warning, "AllocationFailed", &message) {
+                    plan.failures.push(e.reason());
+                }
+                let desired = Desired {
                     ingress: Vec::new(),
                     pool: None,
-                    condition: Some((false, e.reason().into(), message)),
-                }
+                    condition: Some((false, e.reason(), message)),
+                };
+                (desired, false)
             }
         }
     }
 
+    /// Queues an Event unless the same one was the last reported for this
+    /// Service; returns whether it was queued.
     fn report(
         &mut self,
         plan: &mut Plan,
-        key: &ServiceKey,
+        v: &ServiceView,
         severity: Severity,
         reason: &'static str,
         message: &str,
-    ) {
+    ) -> bool {
         let fingerprint = format!("{reason}:{message}");
-        if self.reported.get(key) == Some(&fingerprint) {
-            return;
+        if self.reported.get(&v.key) == Some(&fingerprint) {
+            return false;
         }
-        self.reported.insert(key.clone(), fingerprint);
+        self.reported.insert(v.key.clone(), fingerprint);
         plan.events.push(EventPlan {
-            service: key.clone(),
+            service: v.key.clone(),
+            uid: v.uid.clone(),
             severity,
             reason,
             message: message.to_string(),
         });
+        true
     }
 
     fn forget(&mut self, key: &ServiceKey) {
@@ -311,26 +319,26 @@ impl Index {
     /// A Service that stopped being ours: drop our annotation and
     /// condition; clear the ingress only if it is no LoadBalancer any more
     /// (with another class, another controller owns the status).
-    fn release_foreign(&mut self, svc: &Service, plan: &mut Plan, now: Time) {
-        let key = convert::service_key(svc);
-        let still_lb = svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
-        let ips = convert::status_ips(svc);
+    fn release_foreign(&mut self, v: &ServiceView, plan: &mut Plan) {
         let write = ServiceWrite {
-            key: key.clone(),
-            ingress: (!still_lb && !ips.is_empty()).then(Vec::new),
-            conditions: replaced_conditions(svc, None, now),
-            pool_annotation: Some(None),
+            key: v.key.clone(),
+            ingress: (!v.load_balancer && !v.status_ips.is_empty()).then(Vec::new),
+            condition: v.condition.is_some().then_some(None),
+            pool_annotation: v.pool_annotation.is_some().then_some(None),
         };
-        if !ips.is_empty() {
-            let list = ip_list(&ips);
+        if !v.status_ips.is_empty() {
+            let list = ip_list(&v.status_ips);
             plan.events.push(EventPlan {
-                service: key,
+                service: v.key.clone(),
+                uid: v.uid.clone(),
                 severity: Severity::Normal,
                 reason: "IPReleased",
                 message: format!("Released {list}: the Service is no longer a LoadBalancer of this controller's class"),
             });
         }
-        plan.services.push(write);
+        if write.ingress.is_some() || write.condition.is_some() || write.pool_annotation.is_some() {
+            plan.services.push(write);
+        }
     }
 
     fn update_pools(&mut self, objects: &[Arc<IPAddressPool>]) {
@@ -369,6 +377,7 @@ impl Index {
             let s = stats.get(&name).copied().unwrap_or_default();
             let clamp = |v: u128| i64::try_from(v).unwrap_or(i64::MAX);
             let old = obj.status.clone().unwrap_or_default();
+            let previous = |t: &str| old.conditions.iter().find(|c| c.type_ == t);
             let mut conditions = Vec::new();
             let invalid = self.invalid_pools.get(&name);
             let in_effect = self.good_pools.contains_key(&name);
@@ -377,7 +386,12 @@ impl Index {
                 .overlaps()
                 .iter()
                 .filter(|o| o.pool == name)
-                .map(|o| format!("IPAddressPool {:?} ({})", o.other, o.range))
+                .map(|o| {
+                    format!(
+                        "IPAddressPool {:?} ({}, handed out by {:?})",
+                        o.other, o.range, o.owner
+                    )
+                })
                 .collect();
             let (ready, reason, message) = match (invalid, in_effect) {
                 (Some(why), true) => (
@@ -391,7 +405,7 @@ impl Index {
                 (None, _) => (true, "Ready", "addresses are being assigned".to_string()),
             };
             conditions.push(condition(
-                &old.conditions,
+                previous("Ready"),
                 "Ready",
                 ready,
                 reason,
@@ -400,7 +414,7 @@ impl Index {
             ));
             if let Some(why) = invalid {
                 conditions.push(condition(
-                    &old.conditions,
+                    previous("Invalid"),
                     "Invalid",
                     true,
                     "InvalidSpec",
@@ -410,11 +424,11 @@ impl Index {
             }
             if !overlaps.is_empty() {
                 let message = format!(
-                    "shares addresses with {}; new allocations skip the shared addresses",
+                    "shares addresses with {}; a shared address is handed out and counted only by the pool that comes first in allocation order",
                     overlaps.join(", ")
                 );
                 conditions.push(condition(
-                    &old.conditions,
+                    previous("Overlaps"),
                     "Overlaps",
                     true,
                     "Overlap",
@@ -441,58 +455,37 @@ impl Index {
     }
 }
 
-/// The write needed to move `svc` to `desired`, if any.
-fn service_write(svc: &Service, desired: &Desired, now: Time) -> Option<ServiceWrite> {
-    let current_ips = convert::status_ips(svc);
-    let current_pool = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(IP_ALLOCATED_FROM_POOL).cloned());
-    let write = ServiceWrite {
-        key: convert::service_key(svc),
-        ingress: (current_ips != desired.ingress).then(|| desired.ingress.clone()),
-        conditions: replaced_conditions(svc, desired.condition.as_ref(), now),
-        pool_annotation: (current_pool != desired.pool).then(|| desired.pool.clone()),
-    };
-    let noop =
-        write.ingress.is_none() && write.conditions.is_none() && write.pool_annotation.is_none();
-    (!noop).then_some(write)
-}
-
-/// The Service's conditions with ours set to `wanted` (or removed); `None`
-/// when nothing would change.
-fn replaced_conditions(
-    svc: &Service,
-    wanted: Option<&(bool, String, String)>,
-    now: Time,
-) -> Option<Vec<Condition>> {
-    let current = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let mut next: Vec<Condition> = current
-        .iter()
-        .filter(|c| c.type_ != SERVICE_CONDITION)
-        .cloned()
-        .collect();
-    if let Some((ok, reason, message)) = wanted {
-        next.push(condition(
-            &current,
+/// The write needed to move `v` to `desired`, if any.
+fn service_write(v: &ServiceView, desired: &Desired, now: &Time) -> Option<ServiceWrite> {
+    let wanted = desired.condition.as_ref().map(|(ok, reason, message)| {
+        condition(
+            v.condition.as_ref(),
             SERVICE_CONDITION,
             *ok,
             reason,
             message,
-            &now,
-        ));
-    }
-    (next != current).then_some(next)
+            now,
+        )
+    });
+    let condition = match (&v.condition, wanted) {
+        (None, None) => None,
+        (Some(_), None) => Some(None),
+        (current, Some(new)) => (current.as_ref() != Some(&new)).then_some(Some(new)),
+    };
+    let write = ServiceWrite {
+        key: v.key.clone(),
+        ingress: (v.status_ips != desired.ingress).then(|| desired.ingress.clone()),
+        condition,
+        pool_annotation: (v.pool_annotation != desired.pool).then(|| desired.pool.clone()),
+    };
+    let noop =
+        write.ingress.is_none() && write.condition.is_none() && write.pool_annotation.is_none();
+    (!noop).then_some(write)
 }
 
 /// A condition that keeps its transition time while its status holds.
 fn condition(
-    existing: &[Condition],
+    previous: Option<&Condition>,
     type_: &str,
     ok: bool,
     reason: &str,
@@ -500,9 +493,8 @@ fn condition(
     now: &Time,
 ) -> Condition {
     let status = if ok { "True" } else { "False" };
-    let since = existing
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
+    let since = previous
+        .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| now.clone());
     Condition {

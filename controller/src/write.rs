@@ -1,8 +1,6 @@
 //! Performs a pass's plan against the API server: Service status and
 //! annotation, pool status, Events.
 
-use std::collections::HashMap;
-
 use ferrolb_crds::IPAddressPool;
 use ferrolb_crds::annotations::IP_ALLOCATED_FROM_POOL;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
@@ -12,8 +10,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::allocator::ServiceKey;
-use crate::plan::{EventPlan, PoolWrite, ServiceWrite, Severity};
+use crate::plan::{EventPlan, PoolWrite, SERVICE_CONDITION, ServiceWrite, Severity};
 
 pub const FIELD_MANAGER: &str = "ferrolb-controller";
 
@@ -27,16 +24,21 @@ impl Writer {
         Self { client, instance }
     }
 
-    /// Status first (what users and speakers act on), then the annotation.
-    /// Merge patches touch only the fields named, so a write never clobbers
-    /// what other controllers own on the same Service.
+    /// Status first (what users and speakers act on), then our condition,
+    /// then the annotation.
+    ///
+    /// - The ingress by merge patch: it touches only `status.loadBalancer`.
+    /// - Our condition by server-side apply under our field manager:
+    ///   `status.conditions` is a map keyed by `type`, so the apply owns our
+    ///   entry alone and never clobbers another controller's, whatever our
+    ///   cache held. Removing it uses a strategic-merge delete of that one
+    ///   entry, which works whoever wrote it last.
     pub async fn service(&self, w: &ServiceWrite) -> Result<(), kube::Error> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &w.key.namespace);
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        let mut status = serde_json::Map::new();
         if let Some(ips) = &w.ingress {
             let ingress = if ips.is_empty() {
                 serde_json::Value::Null
@@ -47,15 +49,30 @@ impl Writer {
                         .collect::<Vec<_>>()
                 )
             };
-            status.insert("loadBalancer".into(), json!({ "ingress": ingress }));
-        }
-        if let Some(conditions) = &w.conditions {
-            status.insert("conditions".into(), json!(conditions));
-        }
-        if !status.is_empty() {
-            let patch = json!({ "status": status });
+            let patch = json!({ "status": { "loadBalancer": { "ingress": ingress } } });
             api.patch_status(&w.key.name, &params, &Patch::Merge(&patch))
                 .await?;
+        }
+        match &w.condition {
+            Some(Some(condition)) => {
+                let patch = json!({
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": { "name": w.key.name, "namespace": w.key.namespace },
+                    "status": { "conditions": [condition] },
+                });
+                let apply = PatchParams::apply(FIELD_MANAGER).force();
+                api.patch_status(&w.key.name, &apply, &Patch::Apply(&patch))
+                    .await?;
+            }
+            Some(None) => {
+                let patch = json!({ "status": { "conditions": [
+                    { "$patch": "delete", "type": SERVICE_CONDITION }
+                ] } });
+                api.patch_status(&w.key.name, &params, &Patch::Strategic(&patch))
+                    .await?;
+            }
+            None => {}
         }
         if let Some(value) = &w.pool_annotation {
             let patch = json!({ "metadata": { "annotations": { IP_ALLOCATED_FROM_POOL: value } } });
@@ -83,17 +100,13 @@ impl Writer {
     /// Creates one `events.k8s.io/v1` Event. The plan already reports each
     /// outcome once; a generic recorder would fold a new message into an
     /// older event with the same reason and hide it.
-    pub async fn event(
-        &self,
-        e: &EventPlan,
-        uids: &HashMap<ServiceKey, String>,
-    ) -> Result<(), kube::Error> {
+    pub async fn event(&self, e: &EventPlan) -> Result<(), kube::Error> {
         let regarding = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Service".into()),
             namespace: Some(e.service.namespace.clone()),
             name: Some(e.service.name.clone()),
-            uid: uids.get(&e.service).cloned(),
+            uid: e.uid.clone(),
             ..Default::default()
         };
         let event = Event {

@@ -627,7 +627,7 @@ fn deleted_pool_leaves_services_waiting_with_a_reason() {
 }
 
 #[test]
-fn overlapping_pools_are_reported_and_new_allocations_avoid_the_overlap() {
+fn overlapping_addresses_belong_to_the_first_pool_in_order() {
     let mut a = with_pools(vec![Pool::new("a", &["198.18.8.0/24"])]);
     let held = got(&mut a, &svc("holder"));
     assert_eq!(held, vec![ip("198.18.8.0")]);
@@ -638,10 +638,10 @@ fn overlapping_pools_are_reported_and_new_allocations_avoid_the_overlap() {
     let pairs: Vec<_> = a
         .overlaps()
         .iter()
-        .map(|o| (o.pool.as_str(), o.other.as_str()))
+        .map(|o| (o.pool.as_str(), o.other.as_str(), o.owner.as_str()))
         .collect();
     assert!(
-        pairs.contains(&("a", "b")) && pairs.contains(&("b", "a")),
+        pairs.contains(&("a", "b", "a")) && pairs.contains(&("b", "a", "a")),
         "{pairs:?}"
     );
     assert!(
@@ -653,9 +653,17 @@ fn overlapping_pools_are_reported_and_new_allocations_avoid_the_overlap() {
     );
     assert_eq!(
         got(&mut a, &svc("new")),
-        vec![ip("198.18.8.4")],
-        "skips the contested /30"
+        vec![ip("198.18.8.1")],
+        "the first pool hands out what it shares"
     );
+    let from_b = ServiceRequest {
+        requested_pool: Some("b".into()),
+        ..svc("from-b")
+    };
+    assert_eq!(refused(&mut a, &from_b).reason(), "PoolExhausted");
+    let stats = a.stats();
+    assert_eq!(stats["b"].capacity[0], 0, "b owns none of its addresses");
+    assert_eq!(stats["a"].available(Family::V4), 254);
 }
 
 #[test]
@@ -773,17 +781,21 @@ proptest! {
     }
 
     #[test]
-    fn rebuild_from_assignments_reproduces_the_state(ops in proptest::collection::vec(op(), 1..60)) {
+    fn a_restart_restores_every_assignment_unchanged(ops in proptest::collection::vec(op(), 1..60)) {
+        // What a new term does (plan.rs): restore every status, then ensure
+        // each Service; nothing may move.
         let (a, live) = run(&ops);
         let before = a.assignments();
-        let services: Vec<(ServiceRequest, Vec<IpAddr>)> = before
-            .iter()
-            .map(|(k, asg)| (live[k].clone(), asg.ips.clone()))
-            .collect();
-        let (rebuilt, failed) = Allocator::rebuild(test_pools(), &services);
-        prop_assert!(failed.is_empty(), "{failed:?}");
-        prop_assert_eq!(rebuilt.assignments(), before);
-        prop_assert_eq!(rebuilt.stats(), a.stats());
+        let mut restarted = with_pools(test_pools());
+        for (k, asg) in &before {
+            prop_assert!(restarted.restore(&live[k], &asg.ips).is_ok(), "{k} not restored");
+        }
+        for (k, asg) in &before {
+            let outcome = restarted.ensure(&live[k], &asg.ips);
+            prop_assert!(matches!(outcome, Ok(Outcome::Unchanged(_))), "{k}: {outcome:?}");
+        }
+        prop_assert_eq!(restarted.assignments(), before);
+        prop_assert_eq!(restarted.stats(), a.stats());
     }
 
     #[test]
@@ -805,4 +817,66 @@ proptest! {
         }
         prop_assert_eq!(a.assignments(), b.assignments());
     }
+}
+
+// ---- issue 7 reproductions ----
+
+#[test]
+fn prefer_dual_stack_falls_back_to_the_secondary_family() {
+    let mut a = with_pools(vec![Pool::new("v6", &["2001:db8::8:0/112"])]);
+    let pref = ServiceRequest {
+        families: vec![Family::V4, Family::V6],
+        policy: FamilyPolicy::PreferDualStack,
+        ..svc("p")
+    };
+    assert_eq!(got(&mut a, &pref), vec![ip("2001:db8::8:0")]);
+}
+
+#[test]
+fn a_requested_dual_stack_pair_must_come_from_one_pool() {
+    let mut a = with_pools(vec![
+        Pool::new("a-v4", &["198.18.8.0/24"]),
+        Pool::new("b-v6", &["2001:db8::8:0/112"]),
+    ]);
+    let pair = ServiceRequest {
+        families: vec![Family::V4, Family::V6],
+        policy: FamilyPolicy::RequireDualStack,
+        requested_ips: vec![ip("198.18.8.5"), ip("2001:db8::8:5")],
+        ..svc("d")
+    };
+    assert_eq!(refused(&mut a, &pair).reason(), "NotInOnePool");
+}
+
+#[test]
+fn overlapping_addresses_are_counted_once_in_available() {
+    let mut a = with_pools(vec![
+        Pool::new("a", &["198.18.8.0/24"]),
+        Pool::new("b", &["198.18.8.0/30"]),
+    ]);
+    let stats = a.stats();
+    let total: u128 = stats.values().map(|s| s.available(Family::V4)).sum();
+    assert_eq!(total, 256, "{stats:?}");
+    got(&mut a, &svc("x"));
+    let total: u128 = a.stats().values().map(|s| s.available(Family::V4)).sum();
+    assert_eq!(total, 255);
+}
+
+#[test]
+fn restricted_pools_are_tried_for_every_family_choice_before_unrestricted_ones() {
+    let mut pinned = Pool::new("pinned-v4", &["198.18.10.0/29"]);
+    pinned.allocation = Some(Allocation {
+        priority: Some(1),
+        namespaces: vec!["default".into()],
+        ..Default::default()
+    });
+    let mut a = with_pools(vec![
+        pinned,
+        Pool::new("open-dual", &["198.18.8.0/24", "2001:db8::8:0/112"]),
+    ]);
+    let pref = ServiceRequest {
+        families: vec![Family::V4, Family::V6],
+        policy: FamilyPolicy::PreferDualStack,
+        ..svc("p")
+    };
+    assert_eq!(got(&mut a, &pref), vec![ip("198.18.10.0")]);
 }

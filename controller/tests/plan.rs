@@ -107,8 +107,11 @@ impl World {
             if let Some(ips) = &write.ingress {
                 status.load_balancer = Some(lb_status(ips));
             }
-            if let Some(conditions) = &write.conditions {
-                status.conditions = Some(conditions.clone());
+            if let Some(ours) = &write.condition {
+                // As server-side apply does: only our entry changes.
+                let conditions = status.conditions.get_or_insert_with(Vec::new);
+                conditions.retain(|c| c.type_ != SERVICE_CONDITION);
+                conditions.extend(ours.clone());
             }
             if let Some(value) = &write.pool_annotation {
                 let annotations = svc
@@ -372,4 +375,136 @@ fn a_shrunk_pool_moves_only_the_service_outside_it() {
         "{:?}",
         plan.events
     );
+}
+
+// ---- issue 7 reproductions ----
+
+impl World {
+    /// A restart or leader change: a fresh index, the same objects.
+    fn restart(&mut self) {
+        let filter = ClassFilter {
+            class: "ferrolb.io/lb".into(),
+            classless: true,
+        };
+        self.index = Index::new(filter);
+    }
+
+    fn annotate(&mut self, name: &str, key: &str, value: &str) {
+        let svc = self
+            .services
+            .iter_mut()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        svc.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into());
+    }
+}
+
+fn restricted(name: &str, addresses: &[&str], namespaces: &[&str]) -> Arc<IPAddressPool> {
+    let mut p = (*pool(name, addresses)).clone();
+    p.spec.service_allocation = Some(ferrolb_crds::ServiceAllocation {
+        priority: Some(1),
+        namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    });
+    Arc::new(p)
+}
+
+#[test]
+fn a_bad_annotation_keeps_the_held_ip_across_a_restart_and_it_stays_reserved() {
+    let mut w = World::new(vec![pool("p", &["198.18.8.0/24"])], vec![lb("web", 0)]);
+    w.pass();
+    w.annotate("web", "ferrolb.io/loadBalancerIPs", "nope");
+    w.pass();
+    w.restart();
+    let mut thief = lb("thief", 1);
+    thief
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("ferrolb.io/loadBalancerIPs".into(), "198.18.8.0".into());
+    w.services.push(thief);
+    w.pass();
+    assert_eq!(
+        w.ips("web"),
+        vec![ip("198.18.8.0")],
+        "the restart took the IP away"
+    );
+    assert!(
+        w.ips("thief").is_empty(),
+        "the held IP was handed to another Service"
+    );
+    assert_eq!(w.condition("thief").unwrap().1, "IPInUse");
+    assert_eq!(w.condition("web").unwrap().1, "InvalidRequest");
+}
+
+#[test]
+fn a_refusal_is_counted_once_not_every_pass() {
+    let mut w = World::new(
+        vec![pool("p", &["198.18.8.1/32"])],
+        vec![lb("first", 0), lb("second", 1)],
+    );
+    assert_eq!(w.pass().failures, vec!["PoolExhausted"]);
+    assert!(
+        w.pass().failures.is_empty(),
+        "counted again on the second pass"
+    );
+    assert!(w.pass().failures.is_empty());
+}
+
+#[test]
+fn a_service_its_pool_no_longer_admits_moves_to_one_that_does() {
+    let mut w = World::new(
+        vec![
+            restricted("team", &["198.18.10.0/29"], &["default"]),
+            pool("shared", &["198.18.8.0/24"]),
+        ],
+        vec![lb("web", 0)],
+    );
+    w.pass();
+    assert_eq!(w.ips("web"), vec![ip("198.18.10.0")]);
+    w.pools[0] = restricted("team", &["198.18.10.0/29"], &["elsewhere"]);
+    let plan = w.pass();
+    assert_eq!(w.ips("web"), vec![ip("198.18.8.0")], "{plan:?}");
+    assert!(
+        plan.events.iter().any(|e| e.reason == "IPAllocated"
+            && e.message.contains("replacing 198.18.10.0")
+            && e.message.contains("does not serve")),
+        "{:?}",
+        plan.events
+    );
+}
+
+#[test]
+fn a_service_no_pool_admits_keeps_its_ip_and_says_so_also_after_a_restart() {
+    let mut w = World::new(
+        vec![restricted("team", &["198.18.10.0/29"], &["default"])],
+        vec![lb("web", 0)],
+    );
+    w.pass();
+    w.pools[0] = restricted("team", &["198.18.10.0/29"], &["elsewhere"]);
+    let plan = w.pass();
+    assert_eq!(
+        w.ips("web"),
+        vec![ip("198.18.10.0")],
+        "a label edit caused an outage"
+    );
+    let (status, reason, message) = w.condition("web").unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "PoolNotEligible")
+    );
+    assert!(message.contains("team"), "{message}");
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.severity == Severity::Warning && e.message.contains("team")),
+        "{:?}",
+        plan.events
+    );
+    w.restart();
+    w.pass();
+    assert_eq!(w.ips("web"), vec![ip("198.18.10.0")]);
 }

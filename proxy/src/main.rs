@@ -3,7 +3,7 @@
 //! then it only keeps its caches warm and says so.
 
 use clap::Parser;
-use ferrolb_runtime::{CommonArgs, DefaultPorts, NodeArgs, Runtime, parse_args};
+use ferrolb_runtime::{CommonArgs, NodeArgs, Runtime, parse_args, ports};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -18,14 +18,9 @@ struct Args {
     node: NodeArgs,
 }
 
-const PORTS: DefaultPorts = DefaultPorts {
-    metrics: 7476,
-    health: 7477,
-};
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = parse_args(PORTS);
+    let args: Args = parse_args(ports::PROXY);
     let mut rt = Runtime::start("proxy", &args.common).await?;
     let client = rt.client.clone();
     let _services = rt.watch(Api::<Service>::all(client.clone()), "services");
@@ -34,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
         node = %args.node.node_name,
         "nftables programming is not implemented yet: this proxy routes nothing"
     );
-    rt.run(std::future::pending()).await?;
+    let shutdown = rt.shutdown.clone();
+    rt.run(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }

@@ -33,6 +33,12 @@ pub struct CommonArgs {
     /// Address serving /healthz and /readyz; may equal --metrics-addr.
     #[arg(long, env = "FERROLB_HEALTH_ADDR")]
     pub health_addr: SocketAddr,
+
+    /// Longest graceful shutdown after SIGTERM: the time a component has to
+    /// finish or hand over what it owns before it exits anyway. Keep it well
+    /// under the pod's terminationGracePeriodSeconds (30 s by default).
+    #[arg(long, env = "FERROLB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: std::time::Duration,
 }
 
 /// Flags of the per-node components (speaker, proxy).

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod ports;
 pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::Client;
 use kube::config::{Config, KubeConfigOptions, Kubeconfig};
@@ -12,11 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, Endpoints};
 use crate::{CommonArgs, Error, Readiness, Result, shutdown, telemetry};
-
-/// Background work may take this long to notice cancellation before it is
-/// aborted; together with the HTTP servers' prompt exit this keeps shutdown
-/// well under the one second a rolling update expects.
-const GRACE: Duration = Duration::from_millis(300);
 
 /// Client, readiness, metrics and background tasks of one process.
 pub struct Runtime {
@@ -90,31 +84,51 @@ impl Runtime {
             self.tasks.spawn(m);
             self.tasks.spawn(h);
         }
-        let work = self.tasks.spawn(work);
+        let work = self.tasks.spawn(work).id();
         let shutdown = self.shutdown.clone();
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = async {
-                // Only the main work ending stops the process; a background
-                // task ending (e.g. a watch stream closed by the server) is
-                // logged by its own wrapper.
-                while let Some(done) = self.tasks.join_next_with_id().await {
-                    if matches!(&done, Ok((id, _)) if *id == work.id()) {
-                        return;
-                    }
-                }
-            } => {
-                tracing::info!(component = self.component, "main loop ended");
-                shutdown.cancel();
+        let finished = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            // Only the main work ending stops the process; a background task
+            // ending (e.g. a watch stream closed by the server) is logged by
+            // its own wrapper.
+            _ = until_done(&mut self.tasks, work) => true,
+        };
+        if finished {
+            tracing::info!(component = self.component, "main loop ended");
+            shutdown.cancel();
+        } else {
+            // The work saw the cancellation: give it a bounded time to
+            // finish or hand over what it owns (the Lease, announced IPs).
+            let bound = self.args.shutdown_timeout;
+            let started = std::time::Instant::now();
+            match tokio::time::timeout(bound, until_done(&mut self.tasks, work)).await {
+                Ok(()) => tracing::info!(
+                    component = self.component,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "finished its work"
+                ),
+                Err(_) => tracing::warn!(
+                    component = self.component,
+                    timeout = ?bound,
+                    "work did not finish within the shutdown timeout; stopping anyway"
+                ),
             }
         }
-        let _ = tokio::time::timeout(GRACE, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
+        // Watches and servers have nothing to hand over.
         self.tasks.shutdown().await;
         tracing::info!(component = self.component, "stopped");
         Ok(())
+    }
+}
+
+/// Joins tasks until the one with `id` has ended.
+async fn until_done(tasks: &mut JoinSet<()>, id: tokio::task::Id) {
+    while let Some(done) = tasks.join_next_with_id().await {
+        match done {
+            Ok((done, ())) if done == id => return,
+            Err(e) if e.id() == id => return,
+            _ => {}
+        }
     }
 }
 

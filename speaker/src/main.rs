@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use ferrolb_crds::{IPAddressPool, L2Advertisement};
-use ferrolb_runtime::{CommonArgs, DefaultPorts, NodeArgs, Runtime, parse_args};
+use ferrolb_runtime::{CommonArgs, NodeArgs, Runtime, parse_args, ports};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Api;
 
@@ -18,14 +18,9 @@ struct Args {
     node: NodeArgs,
 }
 
-const PORTS: DefaultPorts = DefaultPorts {
-    metrics: 7474,
-    health: 7475,
-};
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = parse_args(PORTS);
+    let args: Args = parse_args(ports::SPEAKER);
     let mut rt = Runtime::start("speaker", &args.common).await?;
     let client = rt.client.clone();
     let _services = rt.watch(Api::<Service>::all(client.clone()), "services");
@@ -39,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         node = %args.node.node_name,
         "ARP/NDP announcement is not implemented yet: this speaker announces nothing"
     );
-    rt.run(std::future::pending()).await?;
+    let shutdown = rt.shutdown.clone();
+    rt.run(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }

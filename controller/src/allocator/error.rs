@@ -20,6 +20,8 @@ pub enum AllocError {
     Exhausted { families: String, pools: String },
     #[error("{ip} is not in any IPAddressPool")]
     NotInAnyPool { ip: IpAddr },
+    #[error("{ips} are not in one IPAddressPool; a Service takes all its addresses from one pool")]
+    SplitPools { ips: String },
     #[error("{ip} is not in IPAddressPool {pool:?}")]
     NotInPool { ip: IpAddr, pool: String },
     #[error("{ip} is in use by {owner}: {why}")]
@@ -44,6 +46,7 @@ impl AllocError {
             Self::Exhausted { .. } => "PoolExhausted",
             Self::NotInAnyPool { .. } => "NotInAnyPool",
             Self::NotInPool { .. } => "NotInPool",
+            Self::SplitPools { .. } => "NotInOnePool",
             Self::InUse { .. } => "IPInUse",
             Self::InvalidRequest(_) => "InvalidRequest",
         }

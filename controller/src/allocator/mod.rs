@@ -56,29 +56,46 @@ pub enum Outcome {
         previous: Vec<IpAddr>,
         replaced: Option<AllocError>,
     },
+    /// The Service keeps what it holds although its pool no longer serves
+    /// it (`why`), because no pool that serves it can take it now.
+    Kept {
+        assignment: Assignment,
+        why: AllocError,
+    },
 }
 
 impl Outcome {
     pub fn assignment(&self) -> &Assignment {
         match self {
-            Self::Unchanged(a) | Self::Allocated { assignment: a, .. } => a,
+            Self::Unchanged(a)
+            | Self::Allocated { assignment: a, .. }
+            | Self::Kept { assignment: a, .. } => a,
         }
     }
+}
+
+/// What [`Allocator::restore`] kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub assignment: Assignment,
+    /// Set when the pool holding the IPs no longer admits the Service.
+    pub not_admitted: Option<AllocError>,
 }
 
 /// Per-pool counts for the pool status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Distinct assigned IPs, by family (IPv4, IPv6).
+    /// Distinct IPs assigned from this pool, by family (IPv4, IPv6).
     pub assigned: [u128; 2],
-    /// Addresses the pool can hand out, by family.
+    /// Addresses the pool owns and may hand out, by family.
     pub capacity: [u128; 2],
+    /// Of those, the ones nobody uses.
+    pub free: [u128; 2],
 }
 
 impl PoolStats {
     pub fn available(&self, family: Family) -> u128 {
-        let i = family.index();
-        self.capacity[i].saturating_sub(self.assigned[i])
+        self.free[family.index()]
     }
 }
 
@@ -88,6 +105,8 @@ pub struct Overlap {
     pub pool: String,
     pub other: String,
     pub range: String,
+    /// The pool the shared addresses belong to (the first in order).
+    pub owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -109,8 +128,9 @@ struct IpUse {
 pub struct Allocator {
     /// In allocation order (see [`Pool::order`]).
     pools: Vec<Pool>,
-    /// Per pool, per family: sorted runs it shares with another pool. New
-    /// allocations avoid them so no address is claimed by two pools.
+    /// Per pool, per family: sorted, merged runs it shares with a pool that
+    /// comes earlier in order, which owns them. New allocations from this
+    /// pool skip them, so no address is handed out or counted by two pools.
     contested: HashMap<String, [Vec<(u128, u128)>; 2]>,
     overlaps: Vec<Overlap>,
     used: [RunSet; 2],
@@ -168,17 +188,22 @@ impl Allocator {
         &self.overlaps
     }
 
+    /// Finds every pair of pools sharing addresses. A shared address belongs
+    /// to the pool that comes first in allocation order: only it hands the
+    /// address out and counts it, so `status.available*` counts it once.
     fn compute_overlaps(&mut self) {
         self.contested.clear();
         self.overlaps.clear();
-        for p in &self.pools {
+        for (i, p) in self.pools.iter().enumerate() {
             let mut runs: [Vec<(u128, u128)>; 2] = Default::default();
-            for q in self.pools.iter().filter(|q| q.name != p.name) {
+            for (j, q) in self.pools.iter().enumerate().filter(|(j, _)| *j != i) {
                 for r in &p.ranges {
                     for s in q.ranges.iter().filter(|s| r.overlaps(s)) {
                         let (a, b) = (r.bounds(), s.bounds());
                         let shared = (a.0.max(b.0), a.1.min(b.1));
-                        runs[Family::of(r.start()).index()].push(shared);
+                        if j < i {
+                            runs[Family::of(r.start()).index()].push(shared);
+                        }
                         let start = from_u128(r.is_ipv4(), shared.0);
                         let end = from_u128(r.is_ipv4(), shared.1);
                         if let (Some(start), Some(end)) = (start, end) {
@@ -186,16 +211,43 @@ impl Allocator {
                                 pool: p.name.clone(),
                                 other: q.name.clone(),
                                 range: format!("{start}-{end}"),
+                                owner: if j < i {
+                                    q.name.clone()
+                                } else {
+                                    p.name.clone()
+                                },
                             });
                         }
                     }
                 }
             }
             for family in &mut runs {
-                family.sort_unstable();
+                *family = merge(std::mem::take(family));
             }
             self.contested.insert(p.name.clone(), runs);
         }
+    }
+
+    /// The addresses `pool` owns, per family, as disjoint sorted runs: its
+    /// ranges merged, minus what an earlier pool owns.
+    fn owned(&self, pool: &Pool) -> [Vec<(u128, u128)>; 2] {
+        let mut out: [Vec<(u128, u128)>; 2] = Default::default();
+        for family in [Family::V4, Family::V6] {
+            let ranges = merge(
+                pool.ranges
+                    .iter()
+                    .filter(|r| Family::of(r.start()) == family)
+                    .map(|r| r.bounds())
+                    .collect(),
+            );
+            let contested = self
+                .contested
+                .get(&pool.name)
+                .map(|c| c[family.index()].as_slice())
+                .unwrap_or_default();
+            out[family.index()] = subtract(&ranges, contested);
+        }
+        out
     }
 
     /// The IPs `key` holds.
@@ -235,22 +287,34 @@ impl Allocator {
             .collect()
     }
 
-    /// Counts for every pool.
+    /// Counts for every pool. Each address counts in one pool only: an
+    /// assigned IP against the pool it was handed out from, a free one in
+    /// the pool that owns it (see [`Allocator::overlaps`]).
     pub fn stats(&self) -> BTreeMap<String, PoolStats> {
-        let mut out: BTreeMap<String, PoolStats> = self
-            .pools
-            .iter()
-            .map(|p| {
-                let capacity = [p.capacity(Family::V4), p.capacity(Family::V6)];
-                (
-                    p.name.clone(),
-                    PoolStats {
-                        assigned: [0, 0],
-                        capacity,
-                    },
-                )
-            })
-            .collect();
+        let mut out: BTreeMap<String, PoolStats> = BTreeMap::new();
+        for p in &self.pools {
+            let owned = self.owned(p);
+            let mut stats = PoolStats::default();
+            for family in [Family::V4, Family::V6] {
+                let i = family.index();
+                let v4 = family == Family::V4;
+                let skip_buggy = p.avoid_buggy_ips && v4;
+                for &(s, e) in &owned[i] {
+                    let len = (e - s).saturating_add(1);
+                    let buggy = if skip_buggy { buggy_count(s, e) } else { 0 };
+                    let (mut used, mut used_buggy) = (0u128, 0u128);
+                    for (rs, re) in self.used[i].runs_within(s, e) {
+                        used += re - rs + 1;
+                        if skip_buggy {
+                            used_buggy += buggy_count(rs, re);
+                        }
+                    }
+                    stats.capacity[i] = stats.capacity[i].saturating_add(len - buggy);
+                    stats.free[i] = stats.free[i].saturating_add(len - buggy - (used - used_buggy));
+                }
+            }
+            out.insert(p.name.clone(), stats);
+        }
         for (ip, usage) in &self.ips {
             if let Some(stats) = usage.pool.as_ref().and_then(|p| out.get_mut(p)) {
                 stats.assigned[Family::of(*ip).index()] += 1;
@@ -259,9 +323,25 @@ impl Allocator {
         out
     }
 
+    /// Keys of every Service holding IPs.
+    pub fn held_keys(&self) -> Vec<ServiceKey> {
+        self.holders.keys().cloned().collect()
+    }
+
+    /// Number of Services holding IPs (cheap, for metrics).
+    pub fn holders(&self) -> usize {
+        self.holders.len()
+    }
+
     /// Brings `svc` to a valid assignment, keeping what it holds (or, after a
     /// restart, what its status says it holds) whenever that is still
     /// allowed, so IPs never move without a reason.
+    ///
+    /// When the pool an IP came from no longer serves the Service (its
+    /// `serviceAllocation` narrowed, or Service or Namespace labels changed),
+    /// the Service moves to a pool that serves it; while none can, it keeps
+    /// what it holds ([`Outcome::Kept`]), so a label edit never causes an
+    /// outage.
     pub fn ensure(
         &mut self,
         svc: &ServiceRequest,
@@ -276,24 +356,51 @@ impl Allocator {
         if !svc.requested_ips.is_empty() {
             let same = sorted(&previous) == sorted(&svc.requested_ips);
             self.release(&svc.key);
-            let result = self.assign_requested(svc);
-            return result.map(|assignment| {
-                if same {
-                    Outcome::Unchanged(assignment)
-                } else {
-                    Outcome::Allocated {
-                        assignment,
-                        previous,
-                        replaced: None,
+            return match self.assign_requested(svc) {
+                Ok(assignment) if same => Ok(Outcome::Unchanged(assignment)),
+                Ok(assignment) => Ok(Outcome::Allocated {
+                    assignment,
+                    previous,
+                    replaced: None,
+                }),
+                // The requested IP cannot move elsewhere; keep it and say why.
+                Err(why @ AllocError::PoolNotEligible { .. }) if same => {
+                    match self.restore(svc, &previous) {
+                        Ok(r) => Ok(Outcome::Kept {
+                            assignment: r.assignment,
+                            why,
+                        }),
+                        Err(_) => Err(why),
                     }
                 }
-            });
+                Err(e) => Err(e),
+            };
         }
 
         let mut replaced = None;
         if !previous.is_empty() {
             match self.restore(svc, &previous) {
-                Ok(assignment) => return Ok(Outcome::Unchanged(assignment)),
+                Ok(Restored {
+                    assignment,
+                    not_admitted: None,
+                }) => return Ok(Outcome::Unchanged(assignment)),
+                Ok(Restored {
+                    assignment,
+                    not_admitted: Some(why),
+                }) => {
+                    // The old IPs stay reserved while a new home is sought;
+                    // `commit` frees them only once that succeeded.
+                    if svc.requested_pool.is_none()
+                        && let Ok(moved) = self.allocate(svc)
+                    {
+                        return Ok(Outcome::Allocated {
+                            assignment: moved,
+                            previous,
+                            replaced: Some(why),
+                        });
+                    }
+                    return Ok(Outcome::Kept { assignment, why });
+                }
                 Err(why) => replaced = Some(why),
             }
         }
@@ -333,40 +440,23 @@ impl Allocator {
         Some(holder.ips)
     }
 
-    /// Rebuilds state from Services and the IPs their status holds, e.g.
-    /// after a restart, before anything new is allocated. Returns the
-    /// Services whose IPs could not be restored, with why.
-    pub fn rebuild(
-        pools: Vec<Pool>,
-        services: &[(ServiceRequest, Vec<IpAddr>)],
-    ) -> (Self, Vec<(ServiceKey, AllocError)>) {
-        let mut a = Self::new();
-        a.set_pools(pools);
-        let mut failed = Vec::new();
-        for (svc, ips) in services.iter().filter(|(_, ips)| !ips.is_empty()) {
-            if let Err(e) = a.restore(svc, ips) {
-                failed.push((svc.key.clone(), e));
-            }
-        }
-        (a, failed)
-    }
-
-    /// Keeps `ips` for `svc` if they still fit: the same families as
-    /// wanted, in a pool (the requested one, if any), shareable. Used to
-    /// restore what Service statuses hold before anything new is allocated.
+    /// Keeps `ips` for `svc` if they still fit: the families it wants, all
+    /// in one pool (the requested one, if any), shareable. Used to restore
+    /// what Service statuses hold before anything new is allocated, so it
+    /// does not refuse a pool that no longer admits the Service: it reports
+    /// that in [`Restored::not_admitted`] for [`Allocator::ensure`] to act on.
     pub fn restore(
         &mut self,
         svc: &ServiceRequest,
         ips: &[IpAddr],
-    ) -> Result<Assignment, AllocError> {
+    ) -> Result<Restored, AllocError> {
         let families: BTreeSet<Family> = ips.iter().map(|ip| Family::of(*ip)).collect();
         let wanted: BTreeSet<Family> = svc.wanted_families().into_iter().collect();
-        let primary = svc.wanted_families().first().copied().unwrap_or(Family::V4);
-        let fits = families.len() == ips.len()
+        let fits = !ips.is_empty()
+            && families.len() == ips.len()
             && match svc.policy {
-                FamilyPolicy::PreferDualStack => {
-                    families.contains(&primary) && families.is_subset(&wanted)
-                }
+                // MetalLB keeps either family (or both) for PreferDualStack.
+                FamilyPolicy::PreferDualStack => families.is_subset(&wanted),
                 _ => families == wanted,
             };
         if !fits {
@@ -379,33 +469,80 @@ impl Allocator {
                     .join(" and ")
             )));
         }
-        let mut placed = Vec::new();
-        for ip in ips {
-            let pool = match &svc.requested_pool {
-                Some(name) => self.pool(name).filter(|p| p.contains(*ip)).ok_or_else(|| {
-                    AllocError::NotInPool {
-                        ip: *ip,
-                        pool: name.clone(),
+        let pool = match &svc.requested_pool {
+            Some(name) => {
+                let pool = self.pool(name);
+                match ips
+                    .iter()
+                    .find(|ip| !pool.is_some_and(|p| p.contains(**ip)))
+                {
+                    Some(ip) => {
+                        return Err(AllocError::NotInPool {
+                            ip: *ip,
+                            pool: name.clone(),
+                        });
                     }
-                })?,
-                None => self
-                    .home_pool(*ip)
-                    .ok_or(AllocError::NotInAnyPool { ip: *ip })?,
-            };
+                    None => pool.map(|p| p.name.clone()).unwrap_or_default(),
+                }
+            }
+            None => self.home_pool(svc, ips)?,
+        };
+        for ip in ips {
             self.check_sharing(svc, *ip)?;
-            placed.push((*ip, pool.name.clone()));
         }
-        Ok(self.commit(svc, placed))
+        let not_admitted = self
+            .pool(&pool)
+            .and_then(|p| p.admits(svc).err())
+            .map(|why| AllocError::PoolNotEligible {
+                pool: pool.clone(),
+                why,
+            });
+        let placed = ips.iter().map(|ip| (*ip, pool.clone())).collect();
+        Ok(Restored {
+            assignment: self.commit(svc, placed),
+            not_admitted,
+        })
     }
 
-    /// The pool an IP already counts against if it still contains it, else
-    /// the first pool in order that does.
-    fn home_pool(&self, ip: IpAddr) -> Option<&Pool> {
-        let current = self.ips.get(&ip).and_then(|u| u.pool.as_deref());
-        current
-            .and_then(|name| self.pool(name))
-            .filter(|p| p.contains(ip))
-            .or_else(|| self.pools.iter().find(|p| p.contains(ip)))
+    /// The one pool `ips` (all of them) belong to: the pool they already
+    /// count against if it still contains them all and admits the Service,
+    /// else the first containing pool that admits it, else the pool they
+    /// count against, else the first that contains them.
+    fn home_pool(&self, svc: &ServiceRequest, ips: &[IpAddr]) -> Result<String, AllocError> {
+        let contains_all = |p: &&Pool| ips.iter().all(|ip| p.contains(*ip));
+        let containing: Vec<&Pool> = self.pools.iter().filter(contains_all).collect();
+        let current = ips
+            .first()
+            .and_then(|ip| self.ips.get(ip))
+            .and_then(|u| u.pool.as_deref())
+            .and_then(|name| containing.iter().find(|p| p.name == name).copied());
+        let admits = |p: &Pool| p.admits(svc).is_ok();
+        let chosen = current
+            .filter(|p| admits(p))
+            .or_else(|| containing.iter().find(|p| admits(p)).copied())
+            .or(current)
+            .or_else(|| containing.first().copied());
+        match chosen {
+            Some(p) => Ok(p.name.clone()),
+            None => Err(self.why_not_one_pool(ips)),
+        }
+    }
+
+    /// Why no single pool contains all of `ips`.
+    fn why_not_one_pool(&self, ips: &[IpAddr]) -> AllocError {
+        match ips
+            .iter()
+            .find(|ip| !self.pools.iter().any(|p| p.contains(**ip)))
+        {
+            Some(ip) => AllocError::NotInAnyPool { ip: *ip },
+            None => AllocError::SplitPools {
+                ips: ips
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
+        }
     }
 
     fn assign_requested(&mut self, svc: &ServiceRequest) -> Result<Assignment, AllocError> {
@@ -435,42 +572,47 @@ impl Allocator {
                 "RequireDualStack needs one IPv4 and one IPv6 address in the request".into(),
             ));
         }
-        let mut placed = Vec::new();
+        // As in MetalLB, every requested IP comes from one pool.
+        let pool = match &svc.requested_pool {
+            Some(name) => {
+                let pool = self
+                    .pool(name)
+                    .ok_or_else(|| AllocError::UnknownPool(name.clone()))?;
+                if let Some(ip) = ips.iter().find(|ip| !pool.contains(**ip)) {
+                    return Err(AllocError::NotInPool {
+                        ip: *ip,
+                        pool: name.clone(),
+                    });
+                }
+                pool
+            }
+            None => {
+                let containing: Vec<&Pool> = self
+                    .pools
+                    .iter()
+                    .filter(|p| ips.iter().all(|ip| p.contains(*ip)))
+                    .collect();
+                let first = containing
+                    .first()
+                    .copied()
+                    .ok_or_else(|| self.why_not_one_pool(ips))?;
+                containing
+                    .iter()
+                    .find(|p| p.admits(svc).is_ok())
+                    .copied()
+                    .unwrap_or(first)
+            }
+        };
+        pool.admits(svc)
+            .map_err(|why| AllocError::PoolNotEligible {
+                pool: pool.name.clone(),
+                why,
+            })?;
+        let name = pool.name.clone();
         for ip in ips {
-            let pool = match &svc.requested_pool {
-                Some(name) => {
-                    let pool = self
-                        .pool(name)
-                        .ok_or_else(|| AllocError::UnknownPool(name.clone()))?;
-                    if !pool.contains(*ip) {
-                        return Err(AllocError::NotInPool {
-                            ip: *ip,
-                            pool: name.clone(),
-                        });
-                    }
-                    pool
-                }
-                None => {
-                    let containing: Vec<&Pool> =
-                        self.pools.iter().filter(|p| p.contains(*ip)).collect();
-                    let first = containing
-                        .first()
-                        .ok_or(AllocError::NotInAnyPool { ip: *ip })?;
-                    containing
-                        .iter()
-                        .find(|p| p.admits(svc).is_ok())
-                        .copied()
-                        .unwrap_or(first)
-                }
-            };
-            pool.admits(svc)
-                .map_err(|why| AllocError::PoolNotEligible {
-                    pool: pool.name.clone(),
-                    why,
-                })?;
             self.check_sharing(svc, *ip)?;
-            placed.push((*ip, pool.name.clone()));
         }
+        let placed = ips.iter().map(|ip| (*ip, name.clone())).collect();
         Ok(self.commit(svc, placed))
     }
 
@@ -487,20 +629,29 @@ impl Allocator {
                 pool: name.to_string(),
                 why,
             })?;
+        let mut offered = false;
         for families in self.family_choices(svc) {
-            if let Some(f) = families.iter().find(|f| !pool.has_family(**f)) {
-                if svc.policy == FamilyPolicy::PreferDualStack && families.len() > 1 {
-                    continue;
-                }
-                return Err(AllocError::PoolLacksFamily {
-                    pool: name.to_string(),
-                    family: *f,
-                });
+            if !families.iter().all(|f| pool.has_family(*f)) {
+                continue;
             }
+            offered = true;
             if let Some(ips) = self.pick(pool, svc, &families) {
                 let placed = ips.into_iter().map(|ip| (ip, name.to_string())).collect();
                 return Ok(self.commit(svc, placed));
             }
+        }
+        if !offered {
+            let wanted = svc.wanted_families();
+            let missing = wanted
+                .iter()
+                .find(|f| !pool.has_family(**f))
+                .or(wanted.first())
+                .copied()
+                .unwrap_or(Family::V4);
+            return Err(AllocError::PoolLacksFamily {
+                pool: name.to_string(),
+                family: missing,
+            });
         }
         Err(AllocError::Exhausted {
             families: family_words(&svc.wanted_families()),
@@ -508,6 +659,10 @@ impl Allocator {
         })
     }
 
+    /// Auto-allocation, tier by tier as MetalLB does: pools with a
+    /// `serviceAllocation` that admit the Service first, then the
+    /// unrestricted ones; within a tier every family choice is tried over
+    /// all its pools before the next (fewer families) choice.
     fn allocate(&mut self, svc: &ServiceRequest) -> Result<Assignment, AllocError> {
         if self.pools.is_empty() {
             return Err(AllocError::NoPools);
@@ -528,11 +683,26 @@ impl Allocator {
                 .collect();
             return Err(AllocError::NoEligiblePool(why.join("; ")));
         }
-        for families in self.family_choices(svc) {
-            for pool in &eligible {
-                if let Some(ips) = self.pick(pool, svc, &families) {
-                    let placed = ips.into_iter().map(|ip| (ip, pool.name.clone())).collect();
-                    return Ok(self.commit(svc, placed));
+        let choices = self.family_choices(svc);
+        let tiers: [Vec<&Pool>; 2] = [
+            eligible
+                .iter()
+                .filter(|p| p.allocation.is_some())
+                .copied()
+                .collect(),
+            eligible
+                .iter()
+                .filter(|p| p.allocation.is_none())
+                .copied()
+                .collect(),
+        ];
+        for tier in &tiers {
+            for families in &choices {
+                for pool in tier {
+                    if let Some(ips) = self.pick(pool, svc, families) {
+                        let placed = ips.into_iter().map(|ip| (ip, pool.name.clone())).collect();
+                        return Ok(self.commit(svc, placed));
+                    }
                 }
             }
         }
@@ -550,12 +720,12 @@ impl Allocator {
     }
 
     /// Family sets to try in order: everything wanted, then (prefer-dual
-    /// only) just the primary family.
+    /// only) the primary family alone, then the secondary alone.
     fn family_choices(&self, svc: &ServiceRequest) -> Vec<Vec<Family>> {
         let wanted = svc.wanted_families();
         let mut choices = vec![wanted.clone()];
         if svc.policy == FamilyPolicy::PreferDualStack && wanted.len() > 1 {
-            choices.push(wanted[..1].to_vec());
+            choices.extend(wanted.iter().map(|f| vec![*f]));
         }
         choices
     }
@@ -690,15 +860,53 @@ impl Allocator {
     }
 }
 
-/// End of the run in sorted `runs` that contains `v`.
+/// End of the run in sorted, disjoint `runs` that contains `v`.
 fn run_ending_after(runs: &[(u128, u128)], v: u128) -> Option<u128> {
-    // Runs may overlap each other (one per other pool), so check every run
-    // starting at or before v; there are only a handful.
-    runs.iter()
-        .take_while(|(s, _)| *s <= v)
-        .filter(|(_, e)| *e >= v)
-        .map(|(_, e)| *e)
-        .max()
+    let i = runs.partition_point(|(s, _)| *s <= v);
+    runs[..i].last().filter(|(_, e)| *e >= v).map(|(_, e)| *e)
+}
+
+/// Sorts and merges overlapping or touching runs.
+fn merge(mut runs: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(runs.len());
+    for (s, e) in runs {
+        match out.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `runs` minus `minus`; both sorted and disjoint.
+fn subtract(runs: &[(u128, u128)], minus: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut out = Vec::new();
+    for &(s, e) in runs {
+        let mut start = s;
+        let mut done = false;
+        for &(ms, me) in minus.iter().filter(|(ms, me)| *me >= s && *ms <= e) {
+            if ms > start {
+                out.push((start, ms - 1));
+            }
+            match me.checked_add(1) {
+                Some(next) if next <= e => start = start.max(next),
+                _ => {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done && start <= e {
+            out.push((start, e));
+        }
+    }
+    out
+}
+
+/// Addresses ending in .0 or .255 among the IPv4 numbers in `[s, e]`.
+fn buggy_count(s: u128, e: u128) -> u128 {
+    pool::count_residue(s, e, 0) + pool::count_residue(s, e, 255)
 }
 
 fn sorted(ips: &[IpAddr]) -> Vec<IpAddr> {

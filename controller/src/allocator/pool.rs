@@ -132,7 +132,7 @@ pub fn is_buggy(ip: IpAddr) -> bool {
 }
 
 /// How many x in [start, end] have x % 256 == residue.
-fn count_residue(start: u128, end: u128, residue: u128) -> u128 {
+pub(crate) fn count_residue(start: u128, end: u128, residue: u128) -> u128 {
     let upto = |n: u128| {
         if n < residue {
             0

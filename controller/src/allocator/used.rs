@@ -67,6 +67,15 @@ impl RunSet {
         true
     }
 
+    /// The parts of runs that lie inside `[start, end]`, in order.
+    pub fn runs_within(&self, start: u128, end: u128) -> impl Iterator<Item = (u128, u128)> + '_ {
+        let first = self.run_containing(start).map(|(s, _)| s).unwrap_or(start);
+        self.runs
+            .range(first..=end)
+            .map(move |(s, e)| ((*s).max(start), (*e).min(end)))
+            .filter(|(s, e)| s <= e)
+    }
+
     /// Number of runs, a measure of memory use.
     pub fn runs(&self) -> usize {
         self.runs.len()
@@ -108,6 +117,8 @@ mod tests {
                 }
             }
             prop_assert_eq!(runs.len(), model.len() as u128);
+            let inside: u128 = runs.runs_within(10, 40).map(|(s, e)| e - s + 1).sum();
+            prop_assert_eq!(inside, model.range(10..=40).count() as u128);
             for v in 0..64u128 {
                 prop_assert_eq!(runs.contains(v), model.contains(&v));
             }

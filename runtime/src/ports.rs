@@ -1,0 +1,33 @@
+//! Every binary's default listen ports, in one place: the binaries, the
+//! lab and the chart use the same numbers, so a clash between two
+//! components on one host network shows up in the lab too.
+
+use crate::DefaultPorts;
+
+pub const CONTROLLER: DefaultPorts = DefaultPorts {
+    metrics: 7472,
+    health: 7473,
+};
+
+pub const SPEAKER: DefaultPorts = DefaultPorts {
+    metrics: 7474,
+    health: 7475,
+};
+
+pub const PROXY: DefaultPorts = DefaultPorts {
+    metrics: 7476,
+    health: 7477,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_node_components_never_share_a_port() {
+        let mut seen = std::collections::BTreeSet::new();
+        for p in [CONTROLLER, SPEAKER, PROXY] {
+            assert!(seen.insert(p.metrics) && seen.insert(p.health), "{p:?}");
+        }
+    }
+}
