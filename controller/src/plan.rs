@@ -79,6 +79,42 @@ struct Desired {
     condition: Option<(bool, &'static str, String)>,
 }
 
+/// A Service as it was left by a pass that had nothing more to do for it.
+#[derive(Debug, Clone, PartialEq)]
+struct Settled {
+    request: ServiceRequest,
+    ingress: Vec<IpAddr>,
+    pool: Option<String>,
+    /// Status, reason and message of our condition.
+    condition: Option<(String, String, String)>,
+}
+
+impl Settled {
+    fn new(request: &ServiceRequest, desired: &Desired) -> Self {
+        Self {
+            request: request.clone(),
+            ingress: desired.ingress.clone(),
+            pool: desired.pool.clone(),
+            condition: desired.condition.as_ref().map(|(ok, reason, message)| {
+                let status = if *ok { "True" } else { "False" };
+                (status.to_string(), reason.to_string(), message.clone())
+            }),
+        }
+    }
+
+    /// Does `v` still ask for and show what this records?
+    fn matches(&self, v: &ServiceView) -> bool {
+        let shown = v
+            .condition
+            .as_ref()
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+        self.request == v.request
+            && self.ingress == v.status_ips
+            && self.pool == v.pool_annotation
+            && self.condition == shown
+    }
+}
+
 /// The controller's memory between passes.
 pub struct Index {
     filter: ClassFilter,
@@ -87,9 +123,10 @@ pub struct Index {
     /// so it never takes IPs away.
     good_pools: BTreeMap<String, Pool>,
     invalid_pools: BTreeMap<String, String>,
-    /// Request and status IPs each Service had when last settled; a Service
-    /// whose inputs did not change is skipped.
-    settled: HashMap<ServiceKey, (ServiceRequest, Vec<IpAddr>)>,
+    /// What each settled Service asked for and should show; a Service whose
+    /// request and fields still match is skipped. Our fields are part of it,
+    /// so an edit of them by someone else is repaired.
+    settled: HashMap<ServiceKey, Settled>,
     /// Last event per Service, so a refusal is reported once, not per pass.
     reported: HashMap<ServiceKey, String>,
 }
@@ -181,8 +218,7 @@ impl Index {
                     }
                 }
                 None => {
-                    let inputs_now = (v.request.clone(), v.status_ips.clone());
-                    let unchanged = self.settled.get(&v.key) == Some(&inputs_now)
+                    let unchanged = self.settled.get(&v.key).is_some_and(|s| s.matches(v))
                         && self.allocator.assignment(&v.key).is_some();
                     if unchanged {
                         continue;
@@ -190,7 +226,7 @@ impl Index {
                     let (desired, settle) = self.ensure(v, &mut plan);
                     if settle {
                         self.settled
-                            .insert(v.key.clone(), (v.request.clone(), desired.ingress.clone()));
+                            .insert(v.key.clone(), Settled::new(&v.request, &desired));
                     } else {
                         self.settled.remove(&v.key);
                     }

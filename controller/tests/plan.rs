@@ -446,12 +446,22 @@ fn a_refusal_is_counted_once_not_every_pass() {
         vec![pool("p", &["198.18.8.1/32"])],
         vec![lb("first", 0), lb("second", 1)],
     );
-    assert_eq!(w.pass().failures, vec!["PoolExhausted"]);
+    let first = w.pass();
+    assert_eq!(first.failures, vec!["PoolExhausted"]);
+    assert_eq!(first.pending, 1, "one Service waits for an IP");
+    let second = w.pass();
     assert!(
-        w.pass().failures.is_empty(),
+        second.failures.is_empty(),
         "counted again on the second pass"
     );
+    assert_eq!(second.pending, 1, "and still waits");
     assert!(w.pass().failures.is_empty());
+    w.services.remove(0);
+    assert_eq!(
+        w.pass().pending,
+        0,
+        "the freed IP went to the waiting Service"
+    );
 }
 
 #[test]
@@ -507,4 +517,30 @@ fn a_service_no_pool_admits_keeps_its_ip_and_says_so_also_after_a_restart() {
     w.restart();
     w.pass();
     assert_eq!(w.ips("web"), vec![ip("198.18.10.0")]);
+}
+
+#[test]
+fn an_edit_of_our_condition_or_annotation_is_repaired() {
+    let mut w = World::new(vec![pool("p", &["198.18.8.0/24"])], vec![lb("web", 0)]);
+    w.pass();
+    let svc = &mut w.services[0];
+    for c in svc.status.as_mut().unwrap().conditions.as_mut().unwrap() {
+        if c.type_ == SERVICE_CONDITION {
+            c.status = "False".into();
+            c.reason = "Tampered".into();
+        }
+    }
+    svc.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(IP_ALLOCATED_FROM_POOL.into(), "elsewhere".into());
+    let plan = w.pass();
+    assert_eq!(plan.services.len(), 1, "{plan:?}");
+    assert_eq!(w.condition("web").unwrap().1, "Allocated");
+    assert_eq!(
+        w.services[0].metadata.annotations.as_ref().unwrap()[IP_ALLOCATED_FROM_POOL],
+        "p"
+    );
+    assert!(w.pass().services.is_empty(), "and then stays quiet");
 }

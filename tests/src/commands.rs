@@ -337,7 +337,9 @@ pub fn status(prefix: &Prefix) -> Result<()> {
 
 /// Runs CMD in a lab namespace; returns its exit code.
 pub fn exec(prefix: &Prefix, target: &Target, cmd: &[String]) -> Result<i32> {
-    let ns = target.netns(prefix);
+    let Some(ns) = target.netns(prefix, &StateDir::new(prefix)) else {
+        bail!("{target:?} is not running in lab {prefix} (is the pod on a lab node?)");
+    };
     if !netns::netns_exists(&ns) {
         bail!("{ns} does not exist (is the lab up, and is that pod running on a lab node?)");
     }
@@ -350,6 +352,22 @@ pub fn exec(prefix: &Prefix, target: &Target, cmd: &[String]) -> Result<i32> {
         .status()
         .context("running ip netns exec")?;
     Ok(status.code().unwrap_or(128))
+}
+
+/// SIGKILLs the echo server of pod `namespace/name`, as if its container
+/// crashed; the lab kubelet reports it NotReady and restarts it.
+pub fn kill_pod(prefix: &Prefix, namespace: &str, name: &str) -> Result<()> {
+    let state = StateDir::new(prefix);
+    let record = state
+        .read_pod(namespace, name)
+        .with_context(|| format!("pod {namespace}/{name} does not run in lab {prefix}"))?;
+    let pid = record
+        .pid
+        .filter(|p| process::alive(*p))
+        .with_context(|| format!("the container of pod {namespace}/{name} is not running"))?;
+    process::signal(pid, "KILL");
+    eprintln!("[lab] SIGKILL pod/{namespace}/{name} (pid {pid})");
+    Ok(())
 }
 
 pub fn kill(prefix: &Prefix, component: &Component) -> Result<()> {
@@ -370,6 +388,34 @@ pub fn kill(prefix: &Prefix, component: &Component) -> Result<()> {
         bail!("nothing to kill for {component}");
     }
     Ok(())
+}
+
+/// SIGTERMs a component and waits until it has exited; returns how long
+/// that took, as a graceful stop (a rolling update) would.
+pub fn stop(prefix: &Prefix, component: &Component) -> Result<String> {
+    let (state, info) = running_info(prefix)?;
+    let mut report = Vec::new();
+    for c in component.expand(info.options.nodes) {
+        let name = c.to_string();
+        let Some(pid) = state.read_pid(&name).filter(|p| process::alive(*p)) else {
+            report.push(format!("{name} was not running"));
+            continue;
+        };
+        let sent = Instant::now();
+        process::signal(pid, "TERM");
+        let deadline = sent + Duration::from_secs(60);
+        while process::alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if process::alive(pid) {
+            bail!("{name} (pid {pid}) still runs 60 s after SIGTERM");
+        }
+        report.push(format!(
+            "{name} (pid {pid}) exited {:.2}s after SIGTERM",
+            sent.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(report.join("\n"))
 }
 
 pub fn logs(prefix: &Prefix, what: &str, follow: bool) -> Result<()> {

@@ -83,18 +83,34 @@ pub fn service_account(kind: Kind) -> Option<&'static str> {
     binary_name(kind)
 }
 
-/// Metrics and health addresses: the controller on the control-plane address,
-/// per-node components on their node's LAN address, so ports never collide.
+/// The identity the lab's controller campaigns under: stable across
+/// restarts, as a pod's name is, so a restarted controller takes its own
+/// Lease back at once.
+pub const CONTROLLER_IDENTITY: &str = "ferrolb-controller-lab-0";
+
+/// The binary's own default ports (the chart's too).
+pub fn default_ports(kind: Kind) -> ferrolb_runtime::DefaultPorts {
+    match kind {
+        Kind::Speaker => ferrolb_runtime::ports::SPEAKER,
+        Kind::Proxy => ferrolb_runtime::ports::PROXY,
+        _ => ferrolb_runtime::ports::CONTROLLER,
+    }
+}
+
+/// Metrics and health addresses. Per-node components run with their
+/// binaries' default ports on the node (as the chart's host-network pods
+/// do), so two of them clashing on one port fails in the lab as it would in
+/// a cluster; the controller listens on the control-plane address.
 pub fn listen_addrs(c: &Component) -> (String, String) {
     let ip = match c.node {
         Some(n) => addresses::node_v4(n),
         None => addresses::control_plane_v4(),
     };
-    let base = match c.kind {
-        Kind::Proxy => 7474,
-        _ => 7472,
-    };
-    (format!("{ip}:{base}"), format!("{ip}:{}", base + 10))
+    let ports = default_ports(c.kind);
+    (
+        format!("{ip}:{}", ports.metrics),
+        format!("{ip}:{}", ports.health),
+    )
 }
 
 /// `GET /readyz` on a component's health address: the HTTP status code, or
@@ -121,20 +137,30 @@ pub fn readyz(c: &Component) -> Option<u16> {
 }
 
 pub fn args(c: &Component, kubeconfig: &Path) -> Vec<String> {
-    let (metrics, health) = listen_addrs(c);
     let mut a = vec![
         "--kubeconfig".to_string(),
         kubeconfig.display().to_string(),
-        "--metrics-addr".into(),
-        metrics,
-        "--health-addr".into(),
-        health,
         "--log-format".into(),
         "text".into(),
     ];
-    if let Some(n) = c.node {
-        a.push("--node-name".into());
-        a.push(crate::names::node_name(n));
+    match c.node {
+        Some(n) => {
+            a.push("--node-name".into());
+            a.push(crate::names::node_name(n));
+        }
+        None => {
+            // The root namespace is the machine's: bind only the lab's address.
+            let (metrics, health) = listen_addrs(c);
+            a.extend([
+                "--metrics-addr".into(),
+                metrics,
+                "--health-addr".into(),
+                health,
+            ]);
+            if c.kind == Kind::Controller {
+                a.extend(["--identity".into(), CONTROLLER_IDENTITY.into()]);
+            }
+        }
     }
     a
 }
@@ -178,5 +204,18 @@ mod tests {
         }
         let a = args(&all[1], Path::new("/k"));
         assert!(a.windows(2).any(|w| w == ["--node-name", "node-1"]));
+        assert!(
+            !a.iter().any(|x| x == "--metrics-addr"),
+            "per-node components use their binaries' default ports: {a:?}"
+        );
+        assert_eq!(
+            listen_addrs(&all[1]).0,
+            format!("198.18.0.11:{}", ferrolb_runtime::ports::SPEAKER.metrics)
+        );
+        let c = args(&all[0], Path::new("/k"));
+        assert!(
+            c.windows(2)
+                .any(|w| w == ["--identity", CONTROLLER_IDENTITY])
+        );
     }
 }

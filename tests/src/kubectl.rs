@@ -40,13 +40,27 @@ impl Kubectl {
         let mut child = cmd
             .spawn()
             .map_err(|e| KubectlError::Run(self.bin.display().to_string(), e))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .map_err(|e| KubectlError::Run("kubectl stdin".into(), e))?;
-        }
-        child
+        // Feed stdin from its own thread while this one drains stdout and
+        // stderr: kubectl may answer before it has read all its input, and
+        // a full pipe in either direction must never deadlock the two.
+        let feeder = match (stdin, child.stdin.take()) {
+            (Some(input), Some(mut pipe)) => {
+                let input = input.to_string();
+                Some(std::thread::spawn(move || pipe.write_all(input.as_bytes())))
+            }
+            _ => None,
+        };
+        let out = child
             .wait_with_output()
-            .map_err(|e| KubectlError::Run(self.bin.display().to_string(), e))
+            .map_err(|e| KubectlError::Run(self.bin.display().to_string(), e))?;
+        if let Some(Ok(Err(e))) = feeder.map(|f| f.join()) {
+            // kubectl exiting before reading everything is its own error,
+            // reported through its exit status; only other failures count.
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(KubectlError::Run("kubectl stdin".into(), e));
+            }
+        }
+        Ok(out)
     }
 
     /// Runs kubectl and returns stdout, or an error with its stderr.

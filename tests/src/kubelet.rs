@@ -19,13 +19,15 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::addresses::{self, IpFamily, PodIpAllocator};
+use crate::container;
 use crate::names::{Prefix, node_name, parse_node};
 use crate::netns;
 use crate::process;
-use crate::state::StateDir;
+use crate::state::{PodRecord, StateDir};
 
 /// Annotation a test sets to `"false"` to make a running pod unready.
 pub const READY_ANNOTATION: &str = "lab.ferrolb.io/ready";
@@ -58,10 +60,31 @@ struct RunningPod {
     /// Host index in the node's pod CIDR; None for hostNetwork pods.
     idx: Option<u8>,
     ips: Vec<IpAddr>,
-    echo: Option<tokio::process::Child>,
+    /// The object as first seen (its containers never change).
+    pod: Pod,
     started: Time,
-    ready: bool,
+    /// What the readiness annotation asks for.
+    wanted: bool,
+    container: container::State,
+    restarts: u32,
+    phase: &'static str,
+    /// Readiness last reported to the API.
+    reported: Option<bool>,
     terminating: bool,
+    /// Stops the container task, which kills the echo server.
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningPod {
+    fn ready(&self) -> bool {
+        self.wanted
+            && self.phase == "Running"
+            && matches!(
+                self.container,
+                container::State::Running { serving: true, .. }
+            )
+    }
 }
 
 #[derive(Default)]
@@ -100,27 +123,10 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The ports the echo server listens on: every declared containerPort.
+/// The echo server's arguments: the pod's name and every declared port.
 pub fn echo_args(pod: &Pod) -> Vec<String> {
     let mut args = vec!["--name".to_string(), pod.name_any()];
-    let mut seen = HashSet::new();
-    let containers = pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.as_slice())
-        .unwrap_or_default();
-    for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
-        let proto = port.protocol.as_deref().unwrap_or("TCP");
-        let flag = match proto {
-            "TCP" => "--tcp",
-            "UDP" => "--udp",
-            _ => continue,
-        };
-        if seen.insert((flag, port.container_port)) {
-            args.push(flag.to_string());
-            args.push(port.container_port.to_string());
-        }
-    }
+    args.extend(container::Ports::of(pod).args());
     args
 }
 
@@ -129,17 +135,22 @@ pub fn wanted_ready(pod: &Pod) -> bool {
     pod.annotations().get(READY_ANNOTATION).map(String::as_str) != Some("false")
 }
 
-/// The status the lab reports for a running pod.
-pub fn pod_status(
-    pod: &Pod,
-    node_ips: &[IpAddr],
-    pod_ips: &[IpAddr],
-    started: &Time,
-    ready: bool,
-) -> Value {
+/// What the lab reports about one pod.
+pub struct Report<'a> {
+    pub node_ips: &'a [IpAddr],
+    pub pod_ips: &'a [IpAddr],
+    pub started: &'a Time,
+    pub phase: &'a str,
+    pub ready: bool,
+    pub container: &'a container::State,
+    pub restarts: u32,
+}
+
+/// The status the lab reports for a pod it runs.
+pub fn pod_status(pod: &Pod, r: &Report<'_>) -> Value {
     let t = serde_json::to_value(now()).unwrap_or(Value::Null);
-    let started = serde_json::to_value(started).unwrap_or(Value::Null);
-    let r = if ready { "True" } else { "False" };
+    let started = serde_json::to_value(r.started).unwrap_or(Value::Null);
+    let ready = if r.ready { "True" } else { "False" };
     let cond =
         |ty: &str, status: &str| json!({"type": ty, "status": status, "lastTransitionTime": t});
     let containers = pod
@@ -148,6 +159,20 @@ pub fn pod_status(
         .map(|s| s.containers.as_slice())
         .unwrap_or_default();
     let uid = pod.uid().unwrap_or_default();
+    let (state, running) = match r.container {
+        container::State::Running { since, .. } => (
+            json!({"running": {"startedAt": serde_json::to_value(since).unwrap_or(Value::Null)}}),
+            true,
+        ),
+        container::State::Terminated {
+            exit_code,
+            finished,
+        } => (
+            json!({"terminated": {"exitCode": exit_code, "reason": if *exit_code == 0 { "Completed" } else { "Error" },
+                   "finishedAt": serde_json::to_value(finished).unwrap_or(Value::Null), "startedAt": started}}),
+            false,
+        ),
+    };
     let statuses: Vec<Value> = containers
         .iter()
         .map(|c| {
@@ -156,10 +181,10 @@ pub fn pod_status(
                 "image": c.image.clone().unwrap_or_else(|| "ferrolb-echo".into()),
                 "imageID": "lab://ferrolb-echo",
                 "containerID": format!("lab://{uid}/{}", c.name),
-                "ready": ready,
-                "started": true,
-                "restartCount": 0,
-                "state": {"running": {"startedAt": started}},
+                "ready": r.ready,
+                "started": running,
+                "restartCount": r.restarts,
+                "state": state,
             })
         })
         .collect();
@@ -169,17 +194,17 @@ pub fn pod_status(
             .collect::<Vec<_>>()
     };
     json!({"status": {
-        "phase": "Running",
-        "hostIP": node_ips.first().map(|i| i.to_string()),
-        "hostIPs": ip_list(node_ips),
-        "podIP": pod_ips.first().map(|i| i.to_string()),
-        "podIPs": ip_list(pod_ips),
+        "phase": r.phase,
+        "hostIP": r.node_ips.first().map(|i| i.to_string()),
+        "hostIPs": ip_list(r.node_ips),
+        "podIP": r.pod_ips.first().map(|i| i.to_string()),
+        "podIPs": ip_list(r.pod_ips),
         "startTime": started,
         "conditions": [
             cond("PodReadyToStartContainers", "True"),
             cond("Initialized", "True"),
-            cond("Ready", r),
-            cond("ContainersReady", r),
+            cond("Ready", ready),
+            cond("ContainersReady", ready),
             cond("PodScheduled", "True"),
         ],
         "containerStatuses": statuses,
@@ -367,7 +392,7 @@ impl Kubelet {
 
         let known = {
             let inner = lock(&self.inner);
-            inner.pods.get(&uid).map(|p| (p.terminating, p.ready))
+            inner.pods.get(&uid).map(|p| (p.terminating, p.wanted))
         };
         match known {
             None if deleting => {
@@ -376,7 +401,7 @@ impl Kubelet {
             }
             None if matches!(phase, Some("Succeeded" | "Failed")) => {}
             None => {
-                if let Err(e) = self.start_pod(n, &uid, &pod).await {
+                if let Err(e) = self.clone().start_pod(n, &uid, &pod).await {
                     warn!(%ns, %name, error = %e, "cannot start pod");
                     self.teardown(&uid).await;
                 }
@@ -399,16 +424,17 @@ impl Kubelet {
                     me.delete_now(&ns, &name, &uid).await;
                 });
             }
-            Some((false, ready)) if ready != wanted_ready(&pod) => {
-                if let Err(e) = self.report_status(&uid, &pod, wanted_ready(&pod)).await {
-                    warn!(%ns, %name, error = %e, "cannot update pod readiness");
+            Some((false, wanted)) if wanted != wanted_ready(&pod) => {
+                if let Some(p) = lock(&self.inner).pods.get_mut(&uid) {
+                    p.wanted = wanted_ready(&pod);
                 }
+                self.report(&uid).await;
             }
             Some(_) => {}
         }
     }
 
-    async fn start_pod(&self, n: u8, uid: &str, pod: &Pod) -> Result<()> {
+    async fn start_pod(self: Arc<Self>, n: u8, uid: &str, pod: &Pod) -> Result<()> {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
         let host_network = pod
             .spec
@@ -429,11 +455,12 @@ impl Kubelet {
                 .allocate()
                 .ok_or_else(|| KubeletError::NodeFull(node_name(n)))?;
             (
-                self.prefix.pod_netns(&ns, &name),
+                self.prefix.pod_netns(uid),
                 Some(idx),
                 addresses::pod_ips(n, idx, self.family),
             )
         };
+        let started = now();
         lock(&self.inner).pods.insert(
             uid.to_string(),
             RunningPod {
@@ -443,61 +470,212 @@ impl Kubelet {
                 netns: netns.clone(),
                 idx,
                 ips: ips.clone(),
-                echo: None,
-                started: now(),
-                ready: false,
+                pod: pod.clone(),
+                started: started.clone(),
+                wanted: wanted_ready(pod),
+                container: container::State::Running {
+                    since: started,
+                    serving: false,
+                },
+                restarts: 0,
+                phase: "Running",
+                reported: None,
                 terminating: false,
+                stop: None,
+                task: None,
             },
         );
+        self.state
+            .write_pod(
+                &ns,
+                &name,
+                &PodRecord {
+                    uid: uid.to_string(),
+                    netns: netns.clone(),
+                    pid: None,
+                },
+            )
+            .map_err(|e| KubeletError::Join(format!("writing the pod record: {e}")))?;
         if let Some(idx) = idx {
             let (prefix, family, netns) = (self.prefix.clone(), self.family, netns.clone());
             tokio::task::spawn_blocking(move || netns::add_pod(&prefix, n, &netns, idx, family))
                 .await
                 .map_err(|e| KubeletError::Join(e.to_string()))??;
         }
-        let log = self.state.log(&format!("pod-{ns}-{name}"));
-        let (program, leading) = &self.echo;
-        let args: Vec<String> = leading.iter().cloned().chain(echo_args(pod)).collect();
-        let mut cmd = process::command(&self.prefix, Some(&netns), program, &args, &log)?;
-        cmd.env("POD_NAME", &name).env("POD_NAMESPACE", &ns);
-        let child = cmd.spawn().map_err(|source| process::ProcessError::Spawn {
-            program: "ferrolb-echo".into(),
-            source,
-        })?;
+        info!(%ns, %name, node = n, ips = ?ips, %netns, "pod running");
+        // Running but not Ready: the IP is known, the ports are not proven.
+        self.report(uid).await;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(self.clone().run_container(uid.to_string(), stopped));
         if let Some(p) = lock(&self.inner).pods.get_mut(uid) {
-            p.echo = Some(child);
+            p.stop = Some(stop);
+            p.task = Some(task);
         }
-        info!(%ns, %name, node = n, ips = ?ips, "pod running");
-        self.report_status(uid, pod, wanted_ready(pod)).await
+        Ok(())
     }
 
-    async fn report_status(&self, uid: &str, pod: &Pod, ready: bool) -> Result<()> {
-        let Some((n, ips, started)) = lock(&self.inner)
-            .pods
-            .get(uid)
-            .map(|p| (p.node, p.ips.clone(), p.started.clone()))
-        else {
-            return Ok(());
+    /// Runs the pod's echo server until told to stop: Ready once every
+    /// declared port answers, NotReady the moment it dies, restarted with
+    /// back-off as `restartPolicy` says, Failed if it stays dead.
+    async fn run_container(self: Arc<Self>, uid: String, mut stop: oneshot::Receiver<()>) {
+        let Some((pod, netns, probe_ip, ns, name)) = lock(&self.inner).pods.get(&uid).map(|p| {
+            (
+                p.pod.clone(),
+                p.netns.clone(),
+                p.ips.first().copied(),
+                p.namespace.clone(),
+                p.name.clone(),
+            )
+        }) else {
+            return;
         };
+        let ports = container::Ports::of(&pod);
+        let policy = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        let log = self.state.log(&format!("pod-{ns}-{name}"));
+        let (program, leading) = &self.echo;
+        let args: Vec<String> = leading.iter().cloned().chain(echo_args(&pod)).collect();
+        let mut failures = 0u32;
+        loop {
+            let spawned = process::command(&self.prefix, Some(&netns), program, &args, &log)
+                .and_then(|mut cmd| {
+                    cmd.env("POD_NAME", &name).env("POD_NAMESPACE", &ns);
+                    cmd.spawn().map_err(|source| process::ProcessError::Spawn {
+                        program: "ferrolb-echo".into(),
+                        source,
+                    })
+                });
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%ns, %name, error = %e, "cannot start the echo server");
+                    return;
+                }
+            };
+            let _ = self.state.set_pod_pid(&ns, &name, &uid, child.id());
+            let since = now();
+            self.set_container(
+                &uid,
+                container::State::Running {
+                    since: since.clone(),
+                    serving: false,
+                },
+                None,
+            )
+            .await;
+            let proven = async {
+                let Some(ip) = probe_ip else { return };
+                while !container::probe(ip, &ports, &name).await {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let status = tokio::select! {
+                _ = &mut stop => return stop_child(child).await,
+                status = child.wait() => status,
+                _ = proven => {
+                    self.set_container(&uid, container::State::Running { since, serving: true }, None).await;
+                    tokio::select! {
+                        _ = &mut stop => return stop_child(child).await,
+                        status = child.wait() => status,
+                    }
+                }
+            };
+            let exit_code = status.ok().and_then(|s| s.code()).unwrap_or(137);
+            failures += 1;
+            let next = container::restart_after(&policy, failures, exit_code);
+            warn!(%ns, %name, exit_code, restart_in = ?next, "echo server exited");
+            let phase = if next.is_some() {
+                "Running"
+            } else {
+                container::final_phase(exit_code)
+            };
+            self.set_container(
+                &uid,
+                container::State::Terminated {
+                    exit_code,
+                    finished: now(),
+                },
+                Some(phase),
+            )
+            .await;
+            let Some(delay) = next else { return };
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            if let Some(p) = lock(&self.inner).pods.get_mut(&uid) {
+                p.restarts += 1;
+            }
+        }
+    }
+
+    /// Records the container's state (and phase) and reports the pod if
+    /// anything visible changed.
+    async fn set_container(&self, uid: &str, state: container::State, phase: Option<&'static str>) {
+        if let Some(p) = lock(&self.inner).pods.get_mut(uid) {
+            p.container = state;
+            if let Some(phase) = phase {
+                p.phase = phase;
+            }
+        }
+        self.report(uid).await;
+    }
+
+    /// Reports the pod's status as the kubelet sees it now.
+    async fn report(&self, uid: &str) {
+        let Some((pod, ips, node, started, phase, ready, container, restarts)) =
+            lock(&self.inner).pods.get(uid).map(|p| {
+                (
+                    p.pod.clone(),
+                    p.ips.clone(),
+                    p.node,
+                    p.started.clone(),
+                    p.phase,
+                    p.ready(),
+                    p.container.clone(),
+                    p.restarts,
+                )
+            })
+        else {
+            return;
+        };
+        // A node cut off the LAN cannot tell the API anything.
+        if lock(&self.inner).offline.contains(&node) {
+            return;
+        }
+        let node_ips = addresses::node_ips(node, self.family);
         let status = pod_status(
-            pod,
-            &addresses::node_ips(n, self.family),
-            &ips,
-            &started,
-            ready,
+            &pod,
+            &Report {
+                node_ips: &node_ips,
+                pod_ips: &ips,
+                started: &started,
+                phase,
+                ready,
+                container: &container,
+                restarts,
+            },
         );
         let api: Api<Pod> =
             Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-        api.patch_status(
-            &pod.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await?;
-        if let Some(p) = lock(&self.inner).pods.get_mut(uid) {
-            p.ready = ready;
+        match api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Some(p) = lock(&self.inner).pods.get_mut(uid) {
+                    p.reported = Some(ready);
+                }
+            }
+            Err(e) => warn!(pod = %pod.name_any(), error = %e, "cannot report pod status"),
         }
-        Ok(())
     }
 
     /// Stops the echo server and removes the pod's netns; idempotent.
@@ -505,9 +683,11 @@ impl Kubelet {
         let Some(mut p) = lock(&self.inner).pods.remove(uid) else {
             return;
         };
-        if let Some(mut child) = p.echo.take() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        if let Some(stop) = p.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = p.task.take() {
+            let _ = task.await;
         }
         if let Some(idx) = p.idx {
             let (prefix, netns, n) = (self.prefix.clone(), p.netns.clone(), p.node);
@@ -523,6 +703,7 @@ impl Kubelet {
                 a.release(idx);
             }
         }
+        self.state.remove_pod(&p.namespace, &p.name, uid);
         info!(ns = %p.namespace, name = %p.name, "pod stopped");
     }
 
@@ -553,28 +734,18 @@ impl Kubelet {
     }
 }
 
+/// Kills the echo server and reaps it.
+async fn stop_child(mut child: tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pod(yaml: Value) -> Pod {
         serde_json::from_value(yaml).unwrap()
-    }
-
-    #[test]
-    fn echo_listens_on_every_declared_port_once() {
-        let p = pod(
-            json!({"metadata": {"name": "web-1"}, "spec": {"containers": [
-                {"name": "a", "ports": [{"containerPort": 80}, {"containerPort": 53, "protocol": "UDP"}, {"containerPort": 9, "protocol": "SCTP"}]},
-                {"name": "b", "ports": [{"containerPort": 80, "protocol": "TCP"}, {"containerPort": 53, "protocol": "TCP"}]},
-            ]}}),
-        );
-        assert_eq!(
-            echo_args(&p),
-            [
-                "--name", "web-1", "--tcp", "80", "--udp", "53", "--tcp", "53"
-            ]
-        );
     }
 
     #[test]
@@ -591,12 +762,26 @@ mod tests {
             json!({"metadata": {"name": "x", "uid": "u1"}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}}),
         );
         let ips = addresses::pod_ips(2, 5, IpFamily::Dual);
+        let started = now();
         let s = pod_status(
             &p,
-            &addresses::node_ips(2, IpFamily::Dual),
-            &ips,
-            &now(),
-            false,
+            &Report {
+                node_ips: &addresses::node_ips(2, IpFamily::Dual),
+                pod_ips: &ips,
+                started: &started,
+                phase: "Running",
+                ready: false,
+                container: &container::State::Terminated {
+                    exit_code: 1,
+                    finished: started.clone(),
+                },
+                restarts: 2,
+            },
+        );
+        assert_eq!(s["status"]["containerStatuses"][0]["restartCount"], 2);
+        assert_eq!(
+            s["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+            1
         );
         assert_eq!(s["status"]["podIP"], "198.19.2.5");
         assert_eq!(s["status"]["podIPs"][1]["ip"], "2001:db8:1:2::5");

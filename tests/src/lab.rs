@@ -223,8 +223,11 @@ impl Lab {
     /// Runs `cmd` in `client`, `node-N` or `pod/NS/NAME`.
     pub fn exec(&self, target: &str, cmd: &[&str]) -> Result<Output> {
         let t: Target = target.parse()?;
+        let netns = t
+            .netns(&self.prefix, &self.state)
+            .with_context(|| format!("{target} does not run in lab {}", self.prefix))?;
         Command::new("ip")
-            .args(["netns", "exec", &t.netns(&self.prefix)])
+            .args(["netns", "exec", &netns])
             .args(cmd)
             .stdin(Stdio::null())
             .output()

@@ -8,6 +8,7 @@ pub mod addresses;
 pub mod certs;
 pub mod commands;
 pub mod components;
+pub mod container;
 pub mod control_plane;
 pub mod demo;
 pub mod echo;

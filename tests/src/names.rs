@@ -65,11 +65,13 @@ impl Prefix {
         format!("{}-client", self.0)
     }
 
-    /// Pod netns names are readable (`ip netns list` shows which pod is which);
-    /// a pod name is unique in its namespace while it exists, and the lab tears
-    /// the netns down before it lets the API object go.
-    pub fn pod_netns(&self, namespace: &str, name: &str) -> String {
-        format!("{}-pod-{namespace}-{name}", self.0)
+    /// A pod's netns is named from its uid, never its name: a replacement
+    /// pod of the same name gets a netns of its own, so its predecessor's
+    /// late cleanup can never tear it down. `ferrolb-lab exec pod/NS/NAME`
+    /// finds it through the pod record in the state directory.
+    pub fn pod_netns(&self, uid: &str) -> String {
+        let short: String = uid.chars().filter(|c| *c != '-').collect();
+        format!("{}-pod-{short}", self.0)
     }
 
     /// The root namespace's end of the veth onto the LAN.
@@ -130,11 +132,13 @@ impl FromStr for Target {
 }
 
 impl Target {
-    pub fn netns(&self, prefix: &Prefix) -> String {
+    /// The netns to run in; a pod's comes from its record in the state
+    /// directory (`None` when the lab does not run that pod).
+    pub fn netns(&self, prefix: &Prefix, state: &crate::state::StateDir) -> Option<String> {
         match self {
-            Target::Client => prefix.client_netns(),
-            Target::Node(n) => prefix.node_netns(*n),
-            Target::Pod { namespace, name } => prefix.pod_netns(namespace, name),
+            Target::Client => Some(prefix.client_netns()),
+            Target::Node(n) => Some(prefix.node_netns(*n)),
+            Target::Pod { namespace, name } => state.read_pod(namespace, name).map(|r| r.netns),
         }
     }
 }
@@ -251,7 +255,11 @@ mod tests {
         }
         let p: Prefix = "flb".parse().unwrap();
         assert_eq!(p.node_netns(2), "flb-node-2");
-        assert!(p.owns_netns("flb-pod-default-web"));
+        assert!(p.owns_netns(&p.pod_netns("0b3c5d2e-8f1a-4c6b-9d7e-112233445566")));
+        assert_eq!(
+            p.pod_netns("0b3c5d2e-8f1a-4c6b-9d7e-112233445566"),
+            "flb-pod-0b3c5d2e8f1a4c6b9d7e112233445566"
+        );
         assert!(!p.owns_netns("flbt-node-1"));
         assert!(p.root_link().len() <= 15);
         let longest: Prefix = "abcdefgh".parse().unwrap();

@@ -81,6 +81,15 @@ pub fn spawn(
         })
 }
 
+/// Runs blocking work (a child process such as kubectl or ip, a blocking
+/// socket) on tokio's blocking pool, so it never stalls the async runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// Pids of live processes carrying this lab's marker, except our own.
 pub fn lab_processes(prefix: &Prefix) -> Vec<u32> {
     let needle = format!("{MARKER_ENV}={}\0", prefix.as_str());
@@ -126,14 +135,18 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Sends a signal with kill(1); the workspace forbids `unsafe`, so no libc here.
+/// Sends signal `sig` ("TERM", "KILL", ...) to `pid`; a direct syscall, so it
+/// never blocks an async runtime.
 pub fn signal(pid: u32, sig: &str) -> bool {
-    std::process::Command::new("kill")
-        .args(["-s", sig, &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Ok(signal) = format!("SIG{sig}").parse::<Signal>() else {
+        return false;
+    };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    kill(Pid::from_raw(pid), signal).is_ok()
 }
 
 /// SIGKILLs every process of the lab until none is left (a dying supervisor

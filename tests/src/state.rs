@@ -46,6 +46,16 @@ impl Default for UpOptions {
     }
 }
 
+/// Where the lab runs one pod: written by the lab kubelet, read by `exec`
+/// and `kill pod/NS/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub uid: String,
+    pub netns: String,
+    /// The echo server's pid while it runs.
+    pub pid: Option<u32>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabInfo {
     pub prefix: String,
@@ -174,6 +184,51 @@ impl StateDir {
             .collect();
         names.sort();
         names
+    }
+
+    fn pod_path(&self, namespace: &str, name: &str) -> PathBuf {
+        // Namespace and pod names are DNS labels/subdomains: no '_' in them.
+        self.root
+            .join("pods")
+            .join(format!("{namespace}_{name}.json"))
+    }
+
+    /// Where the pod `namespace/name` runs now, if the lab runs it.
+    pub fn read_pod(&self, namespace: &str, name: &str) -> Option<PodRecord> {
+        let bytes = fs::read(self.pod_path(namespace, name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn write_pod(&self, namespace: &str, name: &str, record: &PodRecord) -> io::Result<()> {
+        fs::create_dir_all(self.root.join("pods"))?;
+        let path = self.pod_path(namespace, name);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec(record)?)?;
+        fs::rename(tmp, path)
+    }
+
+    /// Records the echo server's pid, if the record is still this pod's.
+    pub fn set_pod_pid(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        pid: Option<u32>,
+    ) -> io::Result<()> {
+        match self.read_pod(namespace, name) {
+            Some(mut r) if r.uid == uid => {
+                r.pid = pid;
+                self.write_pod(namespace, name, &r)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the record, unless a newer pod of the same name owns it now.
+    pub fn remove_pod(&self, namespace: &str, name: &str, uid: &str) {
+        if self.read_pod(namespace, name).is_some_and(|r| r.uid == uid) {
+            let _ = fs::remove_file(self.pod_path(namespace, name));
+        }
     }
 
     pub fn remove_all(&self) -> io::Result<()> {

@@ -136,10 +136,22 @@ impl Supervisor {
         progress(&self.state, msg);
     }
 
+    /// Runs kubectl work on the blocking pool, never on the async runtime.
+    async fn kubectl<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Kubectl) -> T + Send + 'static,
+    ) -> T {
+        let k = self.kubectl.clone();
+        process::blocking(move || f(&k)).await
+    }
+
     async fn start(self: Arc<Self>) -> Result<()> {
         let opts = self.info.options.clone();
         self.progress("generating certificates");
-        certs::generate(&self.pki.dir, opts.ip_family).context("generating the lab PKI")?;
+        let (dir, family) = (self.pki.dir.clone(), opts.ip_family);
+        process::blocking(move || certs::generate(&dir, family))
+            .await
+            .context("generating the lab PKI")?;
         for (stem, cn, _) in certs::CLIENTS {
             let text = kubeconfig::render(
                 cn,
@@ -163,13 +175,17 @@ impl Supervisor {
 
         self.progress("starting etcd and kube-apiserver");
         fs::create_dir_all(self.state.etcd_dir())?;
-        self.start_component(&Component::new(Kind::Etcd, None))?;
-        self.start_component(&Component::new(Kind::Apiserver, None))?;
+        self.start_component(&Component::new(Kind::Etcd, None))
+            .await?;
+        self.start_component(&Component::new(Kind::Apiserver, None))
+            .await?;
         self.wait_apiserver().await?;
 
         self.progress("starting kube-controller-manager, kube-scheduler and the lab kubelet");
-        self.start_component(&Component::new(Kind::ControllerManager, None))?;
-        self.start_component(&Component::new(Kind::Scheduler, None))?;
+        self.start_component(&Component::new(Kind::ControllerManager, None))
+            .await?;
+        self.start_component(&Component::new(Kind::Scheduler, None))
+            .await?;
         let client = kube_client(&self.state.admin_kubeconfig()).await?;
         // `cargo run -p ferrolb-lab` builds only this binary; its hidden `echo`
         // subcommand is the same server as ferrolb-echo.
@@ -196,26 +212,21 @@ impl Supervisor {
         let _ = self.kubelet.set(kubelet);
 
         self.progress("waiting for the default ServiceAccount (controller-manager is working)");
-        self.wait_for(
-            Duration::from_secs(60),
-            "the default ServiceAccount",
-            || {
-                self.kubectl
-                    .run(
-                        &[
-                            "get",
-                            "serviceaccount",
-                            "default",
-                            "-n",
-                            "default",
-                            "-o",
-                            "name",
-                        ],
-                        None,
-                    )
-                    .is_ok()
-            },
-        )
+        self.wait_for(Duration::from_secs(60), "the default ServiceAccount", |k| {
+            k.run(
+                &[
+                    "get",
+                    "serviceaccount",
+                    "default",
+                    "-n",
+                    "default",
+                    "-o",
+                    "name",
+                ],
+                None,
+            )
+            .is_ok()
+        })
         .await?;
 
         if opts.ferrolb {
@@ -226,7 +237,8 @@ impl Supervisor {
         if opts.proxy == ProxyMode::KubeProxy {
             self.progress("starting kube-proxy (nftables mode) on every node");
             for n in 1..=opts.nodes {
-                self.start_component(&Component::new(Kind::KubeProxy, Some(n)))?;
+                self.start_component(&Component::new(Kind::KubeProxy, Some(n)))
+                    .await?;
             }
         }
         // A component that crashes at once should fail `up`, not the first test.
@@ -260,11 +272,15 @@ impl Supervisor {
         }
         let deadline = Instant::now() + COMPONENT_READY_WAIT;
         loop {
-            let unready: Vec<String> = ours
-                .iter()
-                .filter(|c| components::readyz(c) != Some(200))
-                .map(ToString::to_string)
-                .collect();
+            let probe = ours.clone();
+            let unready: Vec<String> = process::blocking(move || {
+                probe
+                    .iter()
+                    .filter(|c| components::readyz(c) != Some(200))
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .await;
             if unready.is_empty() {
                 self.progress(&format!(
                     "FerroLB components ready: {} processes",
@@ -284,15 +300,16 @@ impl Supervisor {
         }
     }
 
+    /// Polls `ok` (kubectl work, run off the runtime) until it holds.
     async fn wait_for(
         &self,
         timeout: Duration,
         what: &str,
-        mut ok: impl FnMut() -> bool,
+        ok: impl Fn(&Kubectl) -> bool + Send + Sync + Clone + 'static,
     ) -> Result<()> {
         let start = Instant::now();
         let mut next_note = Duration::from_secs(10);
-        while !ok() {
+        while !self.kubectl(ok.clone()).await {
             if start.elapsed() > timeout {
                 bail!("timed out after {}s waiting for {what}", timeout.as_secs());
             }
@@ -311,7 +328,7 @@ impl Supervisor {
     async fn wait_apiserver(&self) -> Result<()> {
         let start = Instant::now();
         let mut next_note = Duration::from_secs(10);
-        while !self.kubectl.ready() {
+        while !self.kubectl(|k| k.ready()).await {
             for c in ["etcd", "apiserver"] {
                 if self.state.read_pid(c).is_none_or(|p| !process::alive(p)) {
                     bail!(
@@ -353,8 +370,8 @@ impl Supervisor {
             ));
         } else {
             self.progress(&format!("applying {} CRD manifest(s)", crds.len()));
-            self.kubectl
-                .apply_crds(&crds)
+            self.kubectl(move |k| k.apply_crds(&crds))
+                .await
                 .context("applying the generated CRDs")?;
         }
         let rbac = components::rbac_path();
@@ -370,12 +387,15 @@ impl Supervisor {
             rbac.display(),
             components::NAMESPACE
         ));
-        self.kubectl.apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: ferrolb-controller\n  namespace: {ns}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: ferrolb-speaker\n  namespace: {ns}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: ferrolb-proxy\n  namespace: {ns}\n",
-            ns = components::NAMESPACE
-        ))?;
-        self.kubectl
-            .apply(&components::render_rbac(&template))
+        // The chart's RBAC holds the ServiceAccounts; the namespace is the
+        // release's, which Helm would create.
+        let manifest = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n---\n{}",
+            components::NAMESPACE,
+            components::render_rbac(&template)
+        );
+        self.kubectl(move |k| k.apply(&manifest))
+            .await
             .context("applying the chart's RBAC")?;
 
         let mut wanted = vec![Component::new(Kind::Controller, None)];
@@ -394,7 +414,7 @@ impl Supervisor {
                 missing.insert(bin);
                 continue;
             }
-            self.start_component(&c)?;
+            self.start_component(&c).await?;
         }
         if !missing.is_empty() {
             let list: Vec<&str> = missing.into_iter().collect();
@@ -409,24 +429,26 @@ impl Supervisor {
     }
 
     /// Writes a kubeconfig with a fresh token of the component's ServiceAccount.
-    fn component_kubeconfig(&self, kind: Kind) -> Result<PathBuf> {
+    async fn component_kubeconfig(&self, kind: Kind) -> Result<PathBuf> {
         let sa = components::service_account(kind).context("not a FerroLB component")?;
         let path = self.state.kubeconfig(sa);
         if !path.exists() {
             let token = self
-                .kubectl
-                .run(
-                    &[
-                        "create",
-                        "token",
-                        sa,
-                        "-n",
-                        components::NAMESPACE,
-                        "--duration",
-                        components::TOKEN_DURATION,
-                    ],
-                    None,
-                )
+                .kubectl(move |k| {
+                    k.run(
+                        &[
+                            "create",
+                            "token",
+                            sa,
+                            "-n",
+                            components::NAMESPACE,
+                            "--duration",
+                            components::TOKEN_DURATION,
+                        ],
+                        None,
+                    )
+                })
+                .await
                 .with_context(|| format!("requesting a token for ServiceAccount {sa}"))?;
             let who = format!("system:serviceaccount:{}:{sa}", components::NAMESPACE);
             fs::write(
@@ -437,7 +459,7 @@ impl Supervisor {
         Ok(path)
     }
 
-    fn spec(&self, c: &Component) -> Result<(Option<String>, PathBuf, Vec<String>)> {
+    async fn spec(&self, c: &Component) -> Result<(Option<String>, PathBuf, Vec<String>)> {
         let fam = self.info.options.ip_family;
         let cp = |b: &str| self.cp_bin.join(b);
         let node_ns = c.node.map(|n| self.prefix.node_netns(n));
@@ -481,7 +503,7 @@ impl Supervisor {
                     );
                 }
                 let bin = components::binary_name(c.kind).context("component binary")?;
-                let kc = self.component_kubeconfig(c.kind)?;
+                let kc = self.component_kubeconfig(c.kind).await?;
                 (
                     node_ns,
                     self.info.bin_dir.join(bin),
@@ -492,7 +514,7 @@ impl Supervisor {
         })
     }
 
-    fn start_component(&self, c: &Component) -> Result<u32> {
+    async fn start_component(&self, c: &Component) -> Result<u32> {
         let name = c.to_string();
         if let Some(pid) = self.state.read_pid(&name).filter(|p| process::alive(*p)) {
             bail!("{name} is already running (pid {pid})");
@@ -503,7 +525,7 @@ impl Supervisor {
                 self.info.options.nodes
             );
         }
-        let (netns, program, args) = self.spec(c)?;
+        let (netns, program, args) = self.spec(c).await?;
         if !program.is_file() {
             bail!("{} does not exist", program.display());
         }
@@ -564,7 +586,7 @@ impl Supervisor {
                 let c: Component = c.parse()?;
                 let mut started = Vec::new();
                 for one in c.expand(self.info.options.nodes) {
-                    let pid = self.start_component(&one)?;
+                    let pid = self.start_component(&one).await?;
                     started.push(format!("{one} (pid {pid})"));
                 }
                 Ok(format!("started {}", started.join(", ")))
@@ -591,7 +613,8 @@ impl Supervisor {
                     }
                 }
                 let down = t.elapsed();
-                self.start_component(&Component::new(Kind::Apiserver, None))?;
+                self.start_component(&Component::new(Kind::Apiserver, None))
+                    .await?;
                 self.wait_apiserver().await?;
                 Ok(format!(
                     "apiserver stopped in {:.1}s, ready again after {:.1}s",
@@ -605,7 +628,8 @@ impl Supervisor {
                     bail!("this lab has {} nodes", self.info.options.nodes);
                 }
                 let up = *dir == "up";
-                netns::set_node_link(&self.prefix, n, up)?;
+                let prefix = self.prefix.clone();
+                process::blocking(move || netns::set_node_link(&prefix, n, up)).await?;
                 // The node's kubelet can no longer reach the API server either.
                 if let Some(k) = self.kubelet.get() {
                     k.set_online(n, up);

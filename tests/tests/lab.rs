@@ -58,6 +58,49 @@ spec:
   containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
 ";
 
+/// Two host-network pods on one node that declare the same port.
+const HOST_PORT_PODS: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: port-a, namespace: default, labels: {app: port-a}}
+spec:
+  nodeName: node-1
+  hostNetwork: true
+  containers: [{name: web, image: x, ports: [{containerPort: 9901}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: port-b, namespace: default, labels: {app: port-b}}
+spec:
+  nodeName: node-1
+  hostNetwork: true
+  restartPolicy: Never
+  containers: [{name: web, image: x, ports: [{containerPort: 9901}]}]
+";
+
+const SAME_NAME_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: same, namespace: default, labels: {app: same}}
+spec:
+  nodeName: node-2
+  terminationGracePeriodSeconds: 3
+  containers: [{name: web, image: x, ports: [{containerPort: 8080}]}]
+";
+
+fn pod_field(lab: &Lab, name: &str, jsonpath: &str) -> Result<String> {
+    Ok(lab
+        .kubectl_ok(&[
+            "get",
+            "pod",
+            name,
+            "-n",
+            "default",
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ])?
+        .trim()
+        .to_string())
+}
+
 /// Waits until every pod matching `selector` in `default` is Ready.
 fn wait_pods_ready(lab: &Lab, selector: &str, timeout: &str) -> Result<()> {
     lab.kubectl_ok(&[
@@ -265,6 +308,15 @@ fn lab_cycle() -> Result<()> {
         Duration::from_secs(20),
         || Ok(endpoint_ips(&lab, "labtest")?.contains(&(ip.clone(), false))),
     )?;
+    let target_uid = lab.kubectl_ok(&[
+        "get",
+        "pod",
+        target,
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])?;
     lab.kubectl_ok(&["delete", "pod", target, "-n", "default", "--wait=false"])?;
     let gone = Instant::now();
     wait_until(
@@ -279,9 +331,83 @@ fn lab_cycle() -> Result<()> {
         gone.elapsed()
     );
     ensure!(
-        !netns::netns_exists(&prefix.pod_netns("default", target)),
+        !netns::netns_exists(&prefix.pod_netns(&target_uid)),
         "the deleted pod's netns is still there"
     );
+    done(t);
+
+    let t = step("a pod is Ready only once its ports answer; a dead container turns it NotReady");
+    lab.apply(HOST_PORT_PODS)?;
+    wait_pods_ready(&lab, "app=port-a", "60s")?;
+    // port-b's echo server cannot bind the port port-a holds: it must never
+    // be reported Ready, and with restartPolicy Never it ends Failed.
+    let mut seen_ready = false;
+    wait_until("port-b to fail", Duration::from_secs(30), || {
+        let ready = pod_field(
+            &lab,
+            "port-b",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        )?;
+        seen_ready |= ready == "True";
+        Ok(pod_field(&lab, "port-b", "{.status.phase}")? == "Failed")
+    })?;
+    ensure!(
+        !seen_ready,
+        "a pod whose server never listened was reported Ready"
+    );
+    let victim = names[1];
+    let victim_ip = pod_ip(&lab, victim)?;
+    cli_ok(&lab, &["kill", &format!("pod/default/{victim}")])?;
+    wait_until(
+        "the killed container's endpoint to be unready",
+        Duration::from_secs(8),
+        || Ok(endpoint_ips(&lab, "labtest")?.contains(&(victim_ip.clone(), false))),
+    )?;
+    wait_until(
+        "the restarted container to be ready again",
+        Duration::from_secs(40),
+        || Ok(endpoint_ips(&lab, "labtest")?.contains(&(victim_ip.clone(), true))),
+    )?;
+    ensure!(
+        pod_field(&lab, victim, "{.status.containerStatuses[0].restartCount}")? == "1",
+        "restart not counted"
+    );
+    done(t);
+
+    let t = step("a replacement pod of the same name gets a netns of its own");
+    lab.apply(SAME_NAME_POD)?;
+    wait_pods_ready(&lab, "app=same", "60s")?;
+    let first_uid = pod_field(&lab, "same", "{.metadata.uid}")?;
+    // Deleted with a grace period, then force-deleted so the name is free
+    // while the first pod still drains.
+    lab.kubectl_ok(&["delete", "pod", "same", "-n", "default", "--wait=false"])?;
+    lab.kubectl_ok(&[
+        "delete",
+        "pod",
+        "same",
+        "-n",
+        "default",
+        "--force",
+        "--grace-period=0",
+    ])?;
+    lab.apply(SAME_NAME_POD)?;
+    wait_until(
+        "the replacement to be scheduled",
+        Duration::from_secs(30),
+        || Ok(pod_field(&lab, "same", "{.metadata.uid}")? != first_uid),
+    )?;
+    wait_pods_ready(&lab, "app=same", "60s")?;
+    let second_uid = pod_field(&lab, "same", "{.metadata.uid}")?;
+    // Past the first pod's grace period: its cleanup has run.
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        netns::netns_exists(&prefix.pod_netns(&second_uid)),
+        "the replacement's netns was torn down"
+    );
+    ensure!(!netns::netns_exists(&prefix.pod_netns(&first_uid)));
+    let same_ip = pod_ip(&lab, "same")?;
+    let (pod, _) = curl(&lab, "client", &format!("http://{same_ip}:8080/"))?;
+    ensure!(pod == "same", "answered by {pod}");
     done(t);
 
     let t = step("a second up after the first one's supervisor was SIGKILLed");

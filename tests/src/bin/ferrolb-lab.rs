@@ -62,8 +62,11 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// SIGKILL a component: controller, speaker[@node-N], proxy[@node-N], kube-proxy[@node-N], ...
-    Kill { component: Component },
+    /// SIGKILL a component (controller, speaker[@node-N], proxy[@node-N],
+    /// kube-proxy[@node-N], ...) or a pod's container (pod/NAMESPACE/NAME).
+    Kill { what: String },
+    /// SIGTERM a component and wait for it to exit (a graceful stop).
+    Stop { component: Component },
     /// Start a component again.
     Start { component: Component },
     /// Stop kube-apiserver and start it again; prints how long it took.
@@ -114,9 +117,17 @@ async fn main() -> Result<()> {
             let code = commands::exec(&prefix, &target, &cmd)?;
             std::process::exit(code);
         }
-        Cmd::Kill { component } => {
+        Cmd::Kill { what } => match what.parse::<Target>() {
+            Ok(Target::Pod { namespace, name }) => commands::kill_pod(&prefix, &namespace, &name)?,
+            _ => {
+                let component: Component = what.parse()?;
+                commands::controllable(&component)?;
+                commands::kill(&prefix, &component)?;
+            }
+        },
+        Cmd::Stop { component } => {
             commands::controllable(&component)?;
-            commands::kill(&prefix, &component)?;
+            println!("{}", commands::stop(&prefix, &component)?);
         }
         Cmd::Start { component } => {
             commands::controllable(&component)?;

@@ -2,12 +2,13 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{ExitCode, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use ferrolb_lab::lab::{Lab, LabEnvironment};
 use ferrolb_lab::state::UpOptions;
+use libtest_mimic::{Arguments, Trial};
 
 pub fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ferrolb-lab"))
@@ -34,14 +35,7 @@ pub fn up(prefix: &str, opts: &UpOptions) -> Result<Option<Lab>> {
 pub fn with_lab(lab: Lab, body: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     let result = body(&lab);
     if result.is_err() {
-        let keep = Path::new("/tmp/ferrolb-test-logs").join(lab.prefix.as_str());
-        let _ = std::fs::create_dir_all(&keep);
-        if let Ok(entries) = std::fs::read_dir(lab.state().root().join("logs")) {
-            for e in entries.flatten() {
-                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-            }
-        }
-        eprintln!("lab logs kept in {}", keep.display());
+        keep_logs(&lab);
     }
     let down = lab.down();
     result.and(down)
@@ -106,4 +100,92 @@ pub fn wait_until(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// One named lab test: a function of the shared lab.
+pub type LabTest = fn(&Lab) -> Result<()>;
+
+/// Runs named tests one after another against one lab, like `cargo test`
+/// does (filters, `--list`, `--exact`, a line per test), so one failure
+/// never hides the others. The lab comes up once, `setup` prepares what
+/// every test shares, and the lab goes down at the end; logs of a failed
+/// run are kept in /tmp/ferrolb-test-logs/<prefix>.
+pub fn run_lab_tests(
+    prefix: &str,
+    opts: &UpOptions,
+    setup: LabTest,
+    tests: &[(&'static str, LabTest)],
+) -> ExitCode {
+    let mut args = Arguments::from_args();
+    // The tests share one lab (and the machine's lab addresses).
+    args.test_threads = Some(1);
+    let probe = |name: &str| Trial::test(name.to_string(), || Ok(()));
+    let runs = tests.iter().any(|(name, _)| {
+        let t = probe(name);
+        !args.is_filtered_out(&t) && !args.is_ignored(&t)
+    });
+    if args.list || !runs {
+        let trials = tests.iter().map(|(name, _)| probe(name)).collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+    if let LabEnvironment::Skip(why) = LabEnvironment::check() {
+        eprintln!("SKIPPED on purpose (FERROLB_SKIP_LAB=1): {why}");
+        let trials = tests
+            .iter()
+            .map(|(name, _)| probe(name).with_ignored_flag(true))
+            .collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+    let lab = match up(prefix, opts).and_then(|lab| lab.ok_or_else(|| anyhow::anyhow!("no lab"))) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("the lab did not come up: {e:#}");
+            let why = format!("the lab did not come up: {e:#}");
+            let trials = tests
+                .iter()
+                .map(|(name, _)| {
+                    let why = why.clone();
+                    Trial::test(name.to_string(), move || Err(why.into()))
+                })
+                .collect();
+            return libtest_mimic::run(&args, trials).exit_code();
+        }
+    };
+    let lab: &'static Lab = Box::leak(Box::new(lab));
+    let prepared = setup(lab).map_err(|e| format!("{e:#}"));
+    let trials = tests
+        .iter()
+        .map(|(name, test)| {
+            let (test, prepared) = (*test, prepared.clone());
+            Trial::test(name.to_string(), move || {
+                prepared.map_err(|e| format!("setup failed: {e}"))?;
+                let t = Instant::now();
+                let result = test(lab).map_err(|e| format!("{e:#}").into());
+                eprintln!("    ({:.1}s)", t.elapsed().as_secs_f64());
+                result
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if conclusion.has_failed() {
+        keep_logs(lab);
+    }
+    if let Err(e) = lab.down() {
+        eprintln!("taking the lab down failed: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    conclusion.exit_code()
+}
+
+/// Copies the lab's logs to /tmp/ferrolb-test-logs/<prefix>, since `down`
+/// removes them.
+pub fn keep_logs(lab: &Lab) {
+    let keep = Path::new("/tmp/ferrolb-test-logs").join(lab.prefix.as_str());
+    let _ = std::fs::create_dir_all(&keep);
+    if let Ok(entries) = std::fs::read_dir(lab.state().root().join("logs")) {
+        for e in entries.flatten() {
+            let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+        }
+    }
+    eprintln!("lab logs kept in {}", keep.display());
 }
