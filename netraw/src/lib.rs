@@ -1,0 +1,1 @@
+//! Raw link-layer sockets for the speaker (work in progress).
