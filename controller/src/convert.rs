@@ -15,8 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, T
 use crate::plan::SERVICE_CONDITION;
 
 use crate::allocator::{
-    Allocation, Family, FamilyPolicy, Labels, Operator, Pool, Port, Requirement, Selector,
-    ServiceKey, ServiceRequest,
+    Allocation, Family, FamilyPolicy, Labels, Pool, Port, Selector, ServiceKey, ServiceRequest,
 };
 
 /// Which Services this controller serves.
@@ -271,48 +270,12 @@ pub fn pool(obj: &IPAddressPool) -> Result<Pool, String> {
 }
 
 fn selectors(list: &[LabelSelector], field: &str) -> Result<Vec<Selector>, String> {
-    list.iter()
-        .enumerate()
-        .map(|(i, s)| selector(s).map_err(|e| format!("{field}[{i}]{e}")))
-        .collect()
+    ferrolb_crds::selector::from_label_selectors(list, field).map_err(|e| e.to_string())
 }
 
 /// A `metav1.LabelSelector` as plain data; the error is a field suffix.
 pub fn selector(sel: &LabelSelector) -> Result<Selector, String> {
-    let requirements = sel
-        .match_expressions
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let operator = match e.operator.as_str() {
-                "In" => Operator::In,
-                "NotIn" => Operator::NotIn,
-                "Exists" => Operator::Exists,
-                "DoesNotExist" => Operator::DoesNotExist,
-                other => {
-                    return Err(format!(
-                        ".matchExpressions[{i}].operator: unknown operator {other:?}"
-                    ));
-                }
-            };
-            Ok(Requirement {
-                key: e.key.clone(),
-                operator,
-                values: e.values.clone().unwrap_or_default(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Selector {
-        match_labels: sel
-            .match_labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect::<BTreeMap<_, _>>(),
-        requirements,
-    })
+    ferrolb_crds::selector::from_label_selector(sel).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

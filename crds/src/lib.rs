@@ -12,10 +12,12 @@ pub mod l2advertisement;
 pub mod manifests;
 pub mod pool;
 mod schema;
+pub mod selector;
 
 pub use addresses::{AddressError, IpRange, parse_addresses};
 pub use l2advertisement::{L2Advertisement, L2AdvertisementSpec, L2AdvertisementStatus};
 pub use pool::{IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, ServiceAllocation};
+pub use selector::{Labels, Selector, SelectorError};
 
 /// API group of every FerroLB kind.
 pub const GROUP: &str = "ferrolb.io";

@@ -24,6 +24,9 @@ pub struct Endpoints {
 /// What the endpoints read.
 pub struct State {
     pub registry: Registry,
+    /// Metrics under names another project defined (the proxy's
+    /// `kubeproxy_*`), served without the `ferrolb_` prefix.
+    pub unprefixed: Registry,
     pub readiness: Readiness,
 }
 
@@ -99,7 +102,10 @@ fn route(
     }
     match path {
         "/metrics" if endpoints.metrics => {
-            let mut resp = text(StatusCode::OK, crate::metrics::encode(&state.registry));
+            let mut resp = text(
+                StatusCode::OK,
+                crate::metrics::encode(&[&state.registry, &state.unprefixed]),
+            );
             resp.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(
@@ -137,6 +143,7 @@ mod tests {
     fn state() -> State {
         State {
             registry: crate::metrics::registry("test"),
+            unprefixed: Registry::default(),
             readiness: Readiness::default(),
         }
     }
@@ -181,8 +188,22 @@ mod tests {
     }
 
     #[test]
+    fn unprefixed_metrics_keep_their_names() {
+        let mut s = state();
+        let g = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        s.unprefixed
+            .register("kubeproxy_example", "an example", g.clone());
+        g.set(3);
+        let body = crate::metrics::encode(&[&s.registry, &s.unprefixed]);
+        assert!(body.contains("kubeproxy_example 3"), "{body}");
+        assert!(!body.contains("ferrolb_kubeproxy"), "{body}");
+        assert_eq!(body.matches("# EOF").count(), 1, "{body}");
+    }
+
+    #[test]
     fn metrics_carry_build_info() {
-        let body = crate::metrics::encode(&state().registry);
+        let s = state();
+        let body = crate::metrics::encode(&[&s.registry, &s.unprefixed]);
         assert!(
             body.contains("ferrolb_build_info{component=\"test\""),
             "{body}"

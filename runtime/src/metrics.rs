@@ -25,10 +25,14 @@ pub fn registry(component: &str) -> Registry {
     registry
 }
 
-/// The registry in Prometheus text format.
-pub fn encode(registry: &Registry) -> String {
+/// The registries in Prometheus text format, one exposition.
+pub fn encode(registries: &[&Registry]) -> String {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     let mut out = String::new();
     // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    for r in registries {
+        let _ = encode_registry(&mut out, r);
+    }
+    let _ = encode_eof(&mut out);
     out
 }

@@ -18,6 +18,9 @@ pub struct Runtime {
     pub client: Client,
     pub readiness: Readiness,
     pub registry: Registry,
+    /// For metrics whose names are fixed elsewhere (kube-proxy's): served
+    /// as registered, without the `ferrolb_` prefix.
+    pub unprefixed: Registry,
     pub shutdown: CancellationToken,
     /// Poked on every change any watch cache sees; a loop that reacts to
     /// changes awaits `changes.notified()` (a poke while nobody waits is
@@ -43,6 +46,7 @@ impl Runtime {
             client,
             readiness: Readiness::default(),
             registry: crate::metrics::registry(component),
+            unprefixed: Registry::default(),
             shutdown,
             changes: Arc::new(tokio::sync::Notify::new()),
             tasks: JoinSet::new(),
@@ -60,6 +64,7 @@ impl Runtime {
     pub async fn run(mut self, work: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let state = Arc::new(http::State {
             registry: std::mem::take(&mut self.registry),
+            unprefixed: std::mem::take(&mut self.unprefixed),
             readiness: self.readiness.clone(),
         });
         let (metrics, health) = (self.args.metrics_addr, self.args.health_addr);
