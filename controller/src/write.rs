@@ -3,10 +3,9 @@
 
 use ferrolb_crds::IPAddressPool;
 use ferrolb_crds::annotations::IP_ALLOCATED_FROM_POOL;
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use ferrolb_runtime::events::{EventData, EventSink, EventType, service_ref};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -16,12 +15,17 @@ pub const FIELD_MANAGER: &str = "ferrolb-controller";
 
 pub struct Writer {
     client: Client,
-    instance: String,
+    events: EventSink,
 }
 
 impl Writer {
     pub fn new(client: Client, instance: String) -> Self {
-        Self { client, instance }
+        let events = EventSink::new(
+            client.clone(),
+            format!("ferrolb.io/{FIELD_MANAGER}"),
+            instance,
+        );
+        Self { client, events }
     }
 
     /// Status first (what users and speakers act on), then our condition,
@@ -97,43 +101,20 @@ impl Writer {
         Ok(())
     }
 
-    /// Creates one `events.k8s.io/v1` Event. The plan already reports each
-    /// outcome once; a generic recorder would fold a new message into an
-    /// older event with the same reason and hide it.
+    /// Publishes one Event; the plan already reports each outcome once.
     pub async fn event(&self, e: &EventPlan) -> Result<(), kube::Error> {
-        let regarding = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some(e.service.namespace.clone()),
-            name: Some(e.service.name.clone()),
-            uid: e.uid.clone(),
-            ..Default::default()
-        };
-        let event = Event {
-            metadata: ObjectMeta {
-                // A generated name must end alphanumerically, hence the "-".
-                generate_name: Some(format!(
-                    "{}-",
-                    e.service.name.chars().take(200).collect::<String>()
-                )),
-                namespace: Some(e.service.namespace.clone()),
-                ..Default::default()
-            },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            type_: Some(match e.severity {
-                Severity::Normal => "Normal".into(),
-                Severity::Warning => "Warning".into(),
-            }),
-            reason: Some(e.reason.to_string()),
-            note: Some(e.message.chars().take(1000).collect()),
-            action: Some("Allocate".into()),
-            reporting_controller: Some(format!("ferrolb.io/{FIELD_MANAGER}")),
-            reporting_instance: Some(self.instance.chars().take(128).collect()),
-            regarding: Some(regarding),
-            ..Default::default()
-        };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &e.service.namespace);
-        api.create(&PostParams::default(), &event).await?;
-        Ok(())
+        let regarding = service_ref(&e.service.namespace, &e.service.name, e.uid.clone());
+        self.events
+            .publish(&EventData {
+                regarding,
+                type_: match e.severity {
+                    Severity::Normal => EventType::Normal,
+                    Severity::Warning => EventType::Warning,
+                },
+                reason: e.reason,
+                action: "Allocate",
+                note: &e.message,
+            })
+            .await
     }
 }

@@ -6,6 +6,7 @@
 //! metrics, then calls [`Runtime::run`] with its domain loop.
 
 pub mod cli;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod metrics;

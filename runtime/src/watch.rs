@@ -25,9 +25,29 @@ impl Runtime {
             + Sync
             + 'static,
     {
+        self.watch_with(api, watcher::Config::default(), what)
+    }
+
+    /// Like [`Runtime::watch`], with a watcher config (label or field
+    /// selectors).
+    pub fn watch_with<K>(
+        &mut self,
+        api: Api<K>,
+        config: watcher::Config,
+        what: &'static str,
+    ) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
         let (reader, writer) = reflector::store();
         let gate = self.readiness.gate(what);
-        let stream = watcher(api, watcher::Config::default())
+        let stream = watcher(api, config)
             .default_backoff()
             // managedFields are often the largest part of an object and no
             // component reads them; dropping them keeps caches small.

@@ -18,8 +18,8 @@ ensure_go() {
 # The `go` line of a throw-away module: the local toolchain's language version.
 go_line() { echo "go $(go env GOVERSION | sed 's/^go//; s/\.[0-9]*$//').0"; }
 
-# Runs a go command without its per-module "downloading" chatter.
-quiet_go() { go "$@" 2>&1 | grep -v '^go: downloading' >&2 || true; }
+# Runs a go command without its per-module "downloading"/"added" chatter.
+quiet_go() { go "$@" 2>&1 | grep -Ev '^go: (downloading|added) ' >&2 || true; }
 
 # go build -v prints one line per compiled package; turn that into a heartbeat.
 # Anything else (compiler errors contain spaces, or start with '#') is shown.

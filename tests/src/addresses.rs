@@ -13,7 +13,7 @@ pub const LAN_V4_PREFIX_LEN: u8 = 20;
 pub const LAN_V6_PREFIX_LEN: u8 = 64;
 pub const APISERVER_PORT: u16 = 6443;
 pub const NODE_PORT_RANGE: &str = "30000-32767";
-pub const SERVICE_CIDR_V4: &str = "198.18.32.0/20";
+pub const SERVICE_CIDR_V4: &str = "198.18.64.0/18";
 pub const SERVICE_CIDR_V6: &str = "2001:db8:2::/112";
 /// The pool the demo hands to the controller.
 pub const DEMO_POOL_V4: &str = "198.18.8.0/24";
@@ -133,7 +133,7 @@ pub fn service_cidrs(family: IpFamily) -> String {
 /// The `kubernetes` Service's ClusterIP (first address of the range); it must
 /// be in the API server's serving certificate.
 pub fn kubernetes_service_v4() -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 32, 1)
+    Ipv4Addr::new(198, 18, 64, 1)
 }
 
 pub fn kubernetes_service_v6() -> Ipv6Addr {
@@ -183,9 +183,9 @@ mod tests {
         assert_eq!(pod_gateway_v4(1).to_string(), "198.19.1.1");
         assert_eq!(
             service_cidrs(IpFamily::Dual),
-            "198.18.32.0/20,2001:db8:2::/112"
+            "198.18.64.0/18,2001:db8:2::/112"
         );
-        assert_eq!(service_cidrs(IpFamily::Ipv4), "198.18.32.0/20");
+        assert_eq!(service_cidrs(IpFamily::Ipv4), "198.18.64.0/18");
     }
 
     #[test]

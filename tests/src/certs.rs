@@ -222,7 +222,7 @@ mod tests {
         let s = apiserver_sans(IpFamily::Dual);
         for want in [
             "IP:198.18.0.1",
-            "IP:198.18.32.1",
+            "IP:198.18.64.1",
             "IP:2001:db8::1",
             "IP:2001:db8:2::1",
             "DNS:kubernetes.default.svc",

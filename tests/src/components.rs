@@ -147,6 +147,15 @@ pub fn args(c: &Component, kubeconfig: &Path) -> Vec<String> {
         Some(n) => {
             a.push("--node-name".into());
             a.push(crate::names::node_name(n));
+            if c.kind == Kind::Proxy {
+                // As a cluster's kube-proxy is told its pod network.
+                a.push("--cluster-cidr".into());
+                a.push(format!(
+                    "{},{}",
+                    addresses::CLUSTER_POD_CIDR_V4,
+                    addresses::CLUSTER_POD_CIDR_V6
+                ));
+            }
         }
         None => {
             // The root namespace is the machine's: bind only the lab's address.

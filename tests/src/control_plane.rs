@@ -13,6 +13,8 @@ const BUILD_SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/scripts/build-control-plane.sh"
 );
+/// Builds the benchmark peers (kube-proxy, MetalLB); idempotent too.
+const PEERS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-peers.sh");
 
 pub const ETCD_CLIENT_PORT: u16 = 23790;
 pub const ETCD_PEER_PORT: u16 = 23791;
@@ -21,6 +23,9 @@ pub const ETCD_PEER_PORT: u16 = 23791;
 pub struct Versions {
     pub kubernetes: String,
     pub etcd: String,
+    /// The newest kube-proxy release, the benchmark peer (not `kubernetes`).
+    pub peer_kube_proxy: String,
+    pub peer_metallb: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,8 @@ pub fn parse_versions(text: &str) -> Result<Versions, ControlPlaneError> {
     Ok(Versions {
         kubernetes: get("KUBERNETES_VERSION")?,
         etcd: get("ETCD_VERSION")?,
+        peer_kube_proxy: get("PEER_KUBE_PROXY_VERSION")?,
+        peer_metallb: get("PEER_METALLB_VERSION")?,
     })
 }
 
@@ -72,17 +79,51 @@ pub const BINARIES: [&str; 6] = [
     "kube-proxy",
 ];
 
-/// `~/.cache/ferrolb/bin/<version>/`, or under `$FERROLB_CACHE` like the script.
-pub fn bin_dir(v: &Versions) -> PathBuf {
-    let cache = std::env::var_os("FERROLB_CACHE")
+/// `~/.cache/ferrolb/`, or `$FERROLB_CACHE` like the scripts.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("FERROLB_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let home = std::env::var_os("HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/root"));
             home.join(".cache/ferrolb")
-        });
-    cache.join("bin").join(&v.kubernetes)
+        })
+}
+
+/// `~/.cache/ferrolb/bin/<version>/`.
+pub fn bin_dir(v: &Versions) -> PathBuf {
+    cache_dir().join("bin").join(&v.kubernetes)
+}
+
+/// `~/.cache/ferrolb/peers/`, where build-peers.sh puts the benchmark peers.
+pub fn peers_dir() -> PathBuf {
+    cache_dir().join("peers")
+}
+
+/// The peer kube-proxy binary, `peers/kube-proxy-<version>/kube-proxy`.
+pub fn peer_kube_proxy(v: &Versions) -> PathBuf {
+    peers_dir()
+        .join(format!("kube-proxy-{}", v.peer_kube_proxy))
+        .join("kube-proxy")
+}
+
+/// `peers/metallb-<version>/`, holding `controller`, `speaker` and `crds/*.yaml`.
+pub fn peer_metallb_dir(v: &Versions) -> PathBuf {
+    peers_dir().join(format!("metallb-{}", v.peer_metallb))
+}
+
+fn missing_peers(v: &Versions) -> Vec<PathBuf> {
+    let m = peer_metallb_dir(v);
+    [
+        peer_kube_proxy(v),
+        m.join("controller"),
+        m.join("speaker"),
+        m.join("crds"),
+    ]
+    .into_iter()
+    .filter(|p| !p.exists())
+    .collect()
 }
 
 pub fn missing_binaries(dir: &Path) -> Vec<&'static str> {
@@ -107,24 +148,49 @@ pub fn ensure_binaries() -> Result<PathBuf, ControlPlaneError> {
         dir.display(),
         missing.join(", ")
     );
+    run_script(BUILD_SCRIPT)?;
+    match missing_binaries(&dir).first() {
+        Some(b) => Err(ControlPlaneError::StillMissing(b.to_string())),
+        None => Ok(dir),
+    }
+}
+
+/// Makes sure the benchmark peers are cached, running build-peers.sh if not.
+/// Returns the pinned versions, for `peer_kube_proxy` and `peer_metallb_dir`.
+pub fn ensure_peers() -> Result<Versions, ControlPlaneError> {
+    let v = versions()?;
+    if missing_peers(&v).is_empty() {
+        return Ok(v);
+    }
+    eprintln!(
+        "benchmark peers missing in {}: building them with {PEERS_SCRIPT}; a cold build takes several minutes on 2 cores",
+        peers_dir().display()
+    );
+    run_script(PEERS_SCRIPT)?;
+    match missing_peers(&v).first() {
+        Some(p) => Err(ControlPlaneError::StillMissing(p.display().to_string())),
+        None => Ok(v),
+    }
+}
+
+/// Runs a build script with its progress (stderr) and output shown.
+fn run_script(script: &str) -> Result<(), ControlPlaneError> {
     let status = std::process::Command::new("bash")
-        .arg(BUILD_SCRIPT)
+        .arg(script)
         .stdout(std::process::Stdio::inherit())
         .stderr(std::process::Stdio::inherit())
         .status()
         .map_err(|source| ControlPlaneError::RunScript {
-            script: BUILD_SCRIPT.to_string(),
+            script: script.to_string(),
             source,
         })?;
-    if !status.success() {
-        return Err(ControlPlaneError::ScriptFailed {
-            script: BUILD_SCRIPT.to_string(),
+    if status.success() {
+        Ok(())
+    } else {
+        Err(ControlPlaneError::ScriptFailed {
+            script: script.to_string(),
             status,
-        });
-    }
-    match missing_binaries(&dir).first() {
-        Some(b) => Err(ControlPlaneError::StillMissing(b.to_string())),
-        None => Ok(dir),
+        })
     }
 }
 
@@ -242,16 +308,26 @@ mod tests {
         let v = versions().unwrap();
         assert!(v.kubernetes.starts_with("v1."), "{v:?}");
         assert!(v.etcd.starts_with("v3."), "{v:?}");
-        let parsed =
-            parse_versions("# c\nKUBERNETES_VERSION=\"v1.34.4\"\n\nETCD_VERSION=v3.6.1\n").unwrap();
+        assert!(v.peer_kube_proxy.starts_with("v1."), "{v:?}");
+        assert!(v.peer_metallb.starts_with("v0."), "{v:?}");
+        let parsed = parse_versions(
+            "# c\nKUBERNETES_VERSION=\"v1.34.4\"\n\nETCD_VERSION=v3.6.1\n\
+             PEER_KUBE_PROXY_VERSION=v1.37.2\nPEER_METALLB_VERSION=v0.15.2\n",
+        )
+        .unwrap();
         assert_eq!(
             parsed,
             Versions {
                 kubernetes: "v1.34.4".into(),
-                etcd: "v3.6.1".into()
+                etcd: "v3.6.1".into(),
+                peer_kube_proxy: "v1.37.2".into(),
+                peer_metallb: "v0.15.2".into(),
             }
         );
+        assert!(peer_kube_proxy(&parsed).ends_with("peers/kube-proxy-v1.37.2/kube-proxy"));
+        assert!(peer_metallb_dir(&parsed).ends_with("peers/metallb-v0.15.2"));
         assert!(parse_versions("KUBERNETES_VERSION=v1\n").is_err());
+        assert!(parse_versions("KUBERNETES_VERSION=v1\nETCD_VERSION=v3\n").is_err());
     }
 
     #[test]
@@ -263,7 +339,7 @@ mod tests {
         for want in [
             "--authorization-mode=Node,RBAC",
             "--bind-address=198.18.0.1",
-            "--service-cluster-ip-range=198.18.32.0/20,2001:db8:2::/112",
+            "--service-cluster-ip-range=198.18.64.0/18,2001:db8:2::/112",
             "--service-node-port-range=30000-32767",
             "--service-account-signing-key-file=/s/certs/sa.key",
         ] {

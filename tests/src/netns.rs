@@ -150,6 +150,19 @@ fn pod_routes(ip_prefix: &[&str], nodes: u8, except: Option<u8>, family: IpFamil
     Ok(())
 }
 
+/// What real nodes have: a default route, here on-link on the LAN
+/// interface, so traffic the node sends to an address nobody routes (a
+/// ClusterIP before any proxy rewrote it) is attempted on the LAN and dies
+/// unanswered on the lab's bridge. Never a route via the root namespace,
+/// which could forward it off the machine.
+fn default_on_link(netns: &str, family: IpFamily) -> Result<()> {
+    ip_in(netns, &["route", "replace", "default", "dev", "eth0"])?;
+    if family.has_v6() {
+        ip_in(netns, &["-6", "route", "replace", "default", "dev", "eth0"])?;
+    }
+    Ok(())
+}
+
 /// Builds LAN, nodes, client and the root veth. On error the caller tears down.
 pub fn build_topology(prefix: &Prefix, nodes: u8, family: IpFamily) -> Result<()> {
     let lan = prefix.lan_netns();
@@ -208,6 +221,7 @@ pub fn build_topology(prefix: &Prefix, nodes: u8, family: IpFamily) -> Result<()
             ],
         )?;
         pod_routes(&["-n", &ns], nodes, Some(n), family)?;
+        default_on_link(&ns, family)?;
     }
 
     let client = prefix.client_netns();
