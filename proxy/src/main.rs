@@ -1,12 +1,26 @@
-//! `ferrolb-proxy`: will program nftables so ClusterIP, NodePort,
-//! LoadBalancer and externalIPs traffic reaches pods (a later issue). Until
-//! then it only keeps its caches warm and says so.
+//! `ferrolb-proxy`: a kube-proxy replacement. Watches Services,
+//! EndpointSlices, its Node and ServiceCIDRs and programs nftables over
+//! netlink so ClusterIP, NodePort, LoadBalancer and externalIPs traffic
+//! reaches pods, with kube-proxy's behaviour (docs/proxy.md).
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
+use ferrolb_proxy::health::{ProxierHealth, ServiceHealth, serve_proxier};
+use ferrolb_proxy::metrics::KubeProxyMetrics;
+use ferrolb_proxy::model::NodePortAddresses;
+use ferrolb_proxy::netlink::Nft;
+use ferrolb_proxy::render::Config;
+use ferrolb_proxy::ruleset::Family;
+use ferrolb_proxy::sync::{Caches, Proxy, Settings, node_facts, render_all};
 use ferrolb_runtime::{CommonArgs, NodeArgs, Runtime, parse_args, ports};
-use k8s_openapi::api::core::v1::Service;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::Api;
+use kube::runtime::watcher;
 
 /// Routes Service traffic to pods with nftables (kube-proxy replacement).
 #[derive(Debug, Parser)]
@@ -16,20 +30,146 @@ struct Args {
     common: CommonArgs,
     #[command(flatten)]
     node: NodeArgs,
+
+    /// The cluster's pod CIDRs (both families, comma-separated): traffic
+    /// from them is pod traffic (no masquerade to ClusterIPs, the
+    /// externalTrafficPolicy Local short-circuit). Without one for a
+    /// family, kube-proxy's off-cluster masquerade does not apply to it.
+    #[arg(long, env = "FERROLB_CLUSTER_CIDR", value_delimiter = ',')]
+    cluster_cidr: Vec<IpNet>,
+
+    /// Node addresses NodePorts answer on: `primary` (the node's first
+    /// InternalIP of each family, kube-proxy nftables' default) or CIDRs.
+    #[arg(long, default_value = "primary", value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long)]
+    masquerade_all: bool,
+
+    /// The packet-mark bit that means "masquerade" (kube-proxy: 14).
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u32).range(0..32))]
+    masquerade_bit: u32,
+
+    /// Syncs run at most this often (after a burst of two).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_sync_period: Duration,
+
+    /// Retry delay after a failed sync; /healthz fails when a change waits
+    /// twice this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+
+    /// kube-proxy's /healthz and /livez.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+
+    /// Name of our nftables tables (`ip` and `ip6`).
+    #[arg(long, default_value = "ferrolb-proxy")]
+    table: String,
+
+    /// Remove everything the proxy installed, and exit.
+    #[arg(long)]
+    cleanup: bool,
+
+    /// Print the ruleset the proxy would apply (nft syntax), and exit
+    /// without touching the kernel.
+    #[arg(long)]
+    print_ruleset: bool,
+}
+
+fn nodeport_addresses(list: &[String]) -> anyhow::Result<NodePortAddresses> {
+    if list.iter().any(|s| s == "primary") {
+        return Ok(NodePortAddresses::Primary);
+    }
+    let cidrs = list
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {s:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(NodePortAddresses::Cidrs(cidrs))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Args = parse_args(ports::PROXY);
+    if args.cleanup {
+        ferrolb_runtime::telemetry::init(args.common.log_format);
+        let nft = Nft::open()?;
+        let errors = Proxy::cleanup(&nft, &args.table).await;
+        if !errors.is_empty() {
+            anyhow::bail!("cleanup left tables behind: {}", errors.join("; "));
+        }
+        tracing::info!(table = %args.table, "removed the proxy's tables");
+        return Ok(());
+    }
+    let settings = Settings {
+        config: Config {
+            table: args.table.clone(),
+            masquerade_bit: 1 << args.masquerade_bit,
+            masquerade_all: args.masquerade_all,
+            cluster_cidrs: args.cluster_cidr.clone(),
+            nodeport_addresses: nodeport_addresses(&args.nodeport_addresses)?,
+        },
+        node_name: args.node.node_name.clone(),
+        families: vec![Family::V4, Family::V6],
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+    };
     let mut rt = Runtime::start("proxy", &args.common).await?;
     let client = rt.client.clone();
-    let _services = rt.watch(Api::<Service>::all(client.clone()), "services");
-    let _slices = rt.watch(Api::<EndpointSlice>::all(client), "endpointslices");
-    tracing::warn!(
-        node = %args.node.node_name,
-        "nftables programming is not implemented yet: this proxy routes nothing"
+    let own_node =
+        watcher::Config::default().fields(&format!("metadata.name={}", settings.node_name));
+    let caches = Caches {
+        services: rt.watch(Api::<Service>::all(client.clone()), "services"),
+        slices: rt.watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices"),
+        nodes: rt.watch_with(Api::<Node>::all(client.clone()), own_node, "node"),
+        service_cidrs: rt.watch(Api::<ServiceCIDR>::all(client.clone()), "servicecidrs"),
+    };
+
+    if args.print_ruleset {
+        tokio::try_join!(
+            caches.services.wait_until_ready(),
+            caches.slices.wait_until_ready(),
+            caches.nodes.wait_until_ready(),
+            caches.service_cidrs.wait_until_ready(),
+        )?;
+        let (node, _) = node_facts(&caches, &settings.node_name);
+        for (_, rendered) in render_all(&settings, &caches, &node) {
+            print!("{}", rendered.ruleset.to_nft());
+        }
+        return Ok(());
+    }
+
+    let metrics = KubeProxyMetrics::register(&mut rt.unprefixed, &mut rt.registry);
+    let health = ProxierHealth::new(settings.sync_period, metrics.probes());
+    let service_health = ServiceHealth::new(health.clone(), rt.shutdown.clone());
+    let (_, healthz) = serve_proxier(
+        args.healthz_bind_address,
+        health.clone(),
+        rt.shutdown.clone(),
+    )
+    .await?;
+    rt.spawn(healthz);
+    let events = ferrolb_runtime::events::EventSink::new(
+        client,
+        "ferrolb.io/ferrolb-proxy",
+        settings.node_name.clone(),
     );
-    let shutdown = rt.shutdown.clone();
-    rt.run(async move { shutdown.cancelled().await }).await?;
+    let nft = Nft::open()?;
+    tracing::info!(node = %settings.node_name, table = %settings.config.table, "programming Service traffic with nftables");
+    let proxy = Proxy::new(
+        settings,
+        caches,
+        nft,
+        metrics,
+        health,
+        service_health,
+        events,
+    );
+    let (changes, shutdown) = (rt.changes.clone(), rt.shutdown.clone());
+    rt.run(proxy.run(changes, shutdown)).await?;
     Ok(())
 }

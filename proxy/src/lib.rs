@@ -1,0 +1,10 @@
+pub mod conntrack;
+pub mod diff;
+pub mod endpoints;
+pub mod health;
+pub mod metrics;
+pub mod model;
+pub mod netlink;
+pub mod render;
+pub mod ruleset;
+pub mod sync;
