@@ -14,8 +14,10 @@ pub const SPEAKER: DefaultPorts = DefaultPorts {
     health: 7475,
 };
 
+/// Metrics on kube-proxy's port, so existing scrape configs keep working;
+/// kube-proxy's `/healthz` and `/livez` are on 10256 (`--healthz-bind-address`).
 pub const PROXY: DefaultPorts = DefaultPorts {
-    metrics: 7476,
+    metrics: 10249,
     health: 7477,
 };
 
