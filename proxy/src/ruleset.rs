@@ -371,6 +371,22 @@ impl Ruleset {
     }
 }
 
+impl Ruleset {
+    /// An `nft` command adding `elements` to set `set` of this table.
+    pub fn add_elements_nft(&self, set: &str, elements: &[(Vec<Value>, Option<Data>)]) -> String {
+        let items: Vec<String> = elements
+            .iter()
+            .map(|(k, d)| element_text(k, d.as_ref()))
+            .collect();
+        format!(
+            "add element {} {} {set} {{ {} }}\n",
+            self.family.nft(),
+            self.table,
+            items.join(", ")
+        )
+    }
+}
+
 impl fmt::Display for Ruleset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_nft())

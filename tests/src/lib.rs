@@ -5,6 +5,7 @@
 //! binary from tests.
 
 pub mod addresses;
+pub mod bench;
 pub mod certs;
 pub mod commands;
 pub mod components;

@@ -44,6 +44,14 @@ enum What {
         #[arg(long, default_value_t = 10_000)]
         services: usize,
     },
+    /// Ruleset layouts in the kernel: FerroLB's flat one against
+    /// kube-proxy's shape (root; throwaway network namespaces).
+    ProxyLayout {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -51,6 +59,10 @@ fn main() -> Result<()> {
         What::Allocator { services } => allocator(services),
         What::AllocatorMemory { cidr, services } => allocator_memory(&cidr, services),
         What::Controller { services } => controller(services),
+        What::ProxyLayout {
+            services,
+            endpoints,
+        } => ferrolb_lab::bench::layout::run(services, endpoints),
     }
 }
 
