@@ -6,7 +6,7 @@ say() { printf '[prereqs] %s\n' "$*" >&2; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # Debian packages: command -> package.
-declare -A need=([ip]=iproute2 [nft]=nftables [curl]=curl [openssl]=openssl [ping]=iputils-ping [go]=golang-go [socat]=socat [setsid]=util-linux [sysctl]=procps)
+declare -A need=([ip]=iproute2 [nft]=nftables [curl]=curl [openssl]=openssl [ping]=iputils-ping [go]=golang-go [socat]=socat [setsid]=util-linux [sysctl]=procps [iperf3]=iperf3 [tcpdump]=tcpdump)
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")

@@ -247,6 +247,19 @@ impl Lab {
         Ok(files)
     }
 
+    /// Copies the lab's logs to /tmp/ferrolb-test-logs/<prefix> (`down`
+    /// removes them); says where.
+    pub fn keep_logs(&self) {
+        let keep = Path::new("/tmp/ferrolb-test-logs").join(self.prefix.as_str());
+        let _ = std::fs::create_dir_all(&keep);
+        if let Ok(entries) = std::fs::read_dir(self.state.root().join("logs")) {
+            for e in entries.flatten() {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        eprintln!("lab logs kept in {}", keep.display());
+    }
+
     pub fn down(&self) -> Result<()> {
         let out = self.cli_with(&["down".to_string()], Stdio::inherit())?;
         if !out.status.success() {

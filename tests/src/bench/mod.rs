@@ -3,6 +3,7 @@
 //! in issue notes.
 
 pub mod layout;
+pub mod proxy;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

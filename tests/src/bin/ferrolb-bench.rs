@@ -44,6 +44,29 @@ enum What {
         #[arg(long, default_value_t = 10_000)]
         services: usize,
     },
+    /// FerroLB's proxy against kube-proxy (nftables), in one lab run.
+    Proxy {
+        /// Numbers of Services, smallest first (connect latency compares
+        /// the first with the last).
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+        services: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
+    /// (internal) connect until the first success; print its time.
+    #[command(hide = true)]
+    ProbeConnect {
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 60000)]
+        timeout_ms: u64,
+    },
+    /// (internal) median TCP connect time in microseconds.
+    #[command(hide = true)]
+    ConnectLatency {
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 300)]
+        count: usize,
+    },
     /// Ruleset layouts in the kernel: FerroLB's flat one against
     /// kube-proxy's shape (root; throwaway network namespaces).
     ProxyLayout {
@@ -59,6 +82,11 @@ fn main() -> Result<()> {
         What::Allocator { services } => allocator(services),
         What::AllocatorMemory { cidr, services } => allocator_memory(&cidr, services),
         What::Controller { services } => controller(services),
+        What::Proxy { services, endpoints } => ferrolb_lab::bench::proxy::run(&services, endpoints),
+        What::ProbeConnect { addr, timeout_ms } => {
+            ferrolb_lab::bench::proxy::probe_connect(addr, Duration::from_millis(timeout_ms))
+        }
+        What::ConnectLatency { addr, count } => ferrolb_lab::bench::proxy::connect_latency(addr, count),
         What::ProxyLayout {
             services,
             endpoints,

@@ -35,7 +35,7 @@ pub fn up(prefix: &str, opts: &UpOptions) -> Result<Option<Lab>> {
 pub fn with_lab(lab: Lab, body: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     let result = body(&lab);
     if result.is_err() {
-        keep_logs(&lab);
+        lab.keep_logs();
     }
     let down = lab.down();
     result.and(down)
@@ -168,24 +168,11 @@ pub fn run_lab_tests(
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if conclusion.has_failed() {
-        keep_logs(lab);
+        lab.keep_logs();
     }
     if let Err(e) = lab.down() {
         eprintln!("taking the lab down failed: {e:#}");
         return ExitCode::FAILURE;
     }
     conclusion.exit_code()
-}
-
-/// Copies the lab's logs to /tmp/ferrolb-test-logs/<prefix>, since `down`
-/// removes them.
-pub fn keep_logs(lab: &Lab) {
-    let keep = Path::new("/tmp/ferrolb-test-logs").join(lab.prefix.as_str());
-    let _ = std::fs::create_dir_all(&keep);
-    if let Ok(entries) = std::fs::read_dir(lab.state().root().join("logs")) {
-        for e in entries.flatten() {
-            let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-        }
-    }
-    eprintln!("lab logs kept in {}", keep.display());
 }

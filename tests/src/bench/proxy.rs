@@ -1,0 +1,563 @@
+//! FerroLB's proxy against the real kube-proxy (nftables mode, the newest
+//! release), in one lab run: the same API server, the same Services, one
+//! proxy at a time on the lab's node.
+//!
+//! For each scale (Services of 10 endpoints each, selector-less with
+//! hand-made EndpointSlices; a few endpoints are real pods):
+//! - full sync: process start until the kernel holds the last Service,
+//!   and the proxy's RSS once synced;
+//! - one added Service: its create until the first successful connection
+//!   to it (from the node), and the proxy's own programming metric;
+//! - connect latency through a ClusterIP;
+//! - and once, bulk TCP throughput client -> LB IP -> pod against client ->
+//!   pod directly (iperf3, 10 trials, median).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::PostParams;
+
+use super::{Table, Ticker, say};
+use crate::addresses;
+use crate::control_plane;
+use crate::lab::Lab;
+use crate::state::{ProxyMode, UpOptions};
+
+const PREFIX: &str = "flbbench";
+const NS: &str = "bench";
+/// The probe Service, created last at each scale, has a fixed ClusterIP so
+/// a probe can start connecting before it exists.
+fn probe_ip(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 127, 200 + (n % 50) as u8)
+}
+
+/// The ClusterIP of background Service `i` (inside 198.18.64.0/18, below
+/// the probe addresses).
+fn background_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 100)) + i as u32)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    FerroLb,
+    KubeProxy,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::FerroLb => "FerroLB",
+            Peer::KubeProxy => "kube-proxy",
+        }
+    }
+}
+
+/// One proxy's figures at one scale.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    full_sync: Option<Duration>,
+    rss_kib: Option<u64>,
+    add_to_connect: Option<Duration>,
+    add_metric: Option<f64>,
+    connect_median: Option<Duration>,
+}
+
+pub fn run(scales: &[usize], endpoints: usize) -> Result<()> {
+    let versions = control_plane::ensure_peers()?;
+    let kube_proxy = control_plane::peer_kube_proxy(&versions);
+    say(&format!(
+        "proxy: FerroLB against kube-proxy {} at {scales:?} Services x {endpoints} endpoints",
+        versions.peer_kube_proxy
+    ));
+    ensure!(
+        Command::new("iperf3").arg("--version").output().is_ok(),
+        "iperf3 is missing (tests/scripts/prereqs.sh installs it)"
+    );
+    let exe = std::env::current_exe()?.with_file_name("ferrolb-lab");
+    let opts = UpOptions {
+        nodes: 1,
+        proxy: ProxyMode::None,
+        ip_family: addresses::IpFamily::Ipv4,
+        ferrolb: true,
+    };
+    say("bringing up a lab (1 node, no proxy running)");
+    let lab = Lab::up(Path::new(&exe), PREFIX, &opts)?;
+    let result = run_in(&lab, &kube_proxy, scales, endpoints);
+    if result.is_err() {
+        lab.keep_logs();
+    }
+    let _ = stop_ferrolb(&lab);
+    lab.down()?;
+    result
+}
+
+fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> Result<()> {
+    lab.apply_crds()?;
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\napiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: bench}}\nspec:\n  addresses: [198.18.8.0/24]\n"
+    ))?;
+    // Three real pods: echo on 8080, iperf3 started in their namespaces.
+    lab.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: real, namespace: {NS}}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: real}}}}\n  template:\n    metadata: {{labels: {{app: real}}}}\n    spec:\n      containers: [{{name: echo, image: x, ports: [{{containerPort: 8080}}]}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bulk, namespace: {NS}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: real}}\n  ports: [{{name: iperf, port: 5201, targetPort: 5201}}]\n"
+    ))?;
+    lab.kubectl_ok(&["rollout", "status", "deployment/real", "-n", NS, "--timeout=120s"])?;
+    let pods = real_pods(lab)?;
+    ensure!(pods.len() == 3, "real pods: {pods:?}");
+    for (name, _) in &pods {
+        let out = lab.exec(&format!("pod/{NS}/{name}"), &["iperf3", "-s", "-D", "-p", "5201"])?;
+        ensure!(out.status.success(), "iperf3 -s in {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(lab.client())?;
+    let mut created = 0usize;
+    let mut tables = Vec::new();
+    let mut throughput = None;
+    for &n in scales {
+        if n > created {
+            say(&format!("creating background Services {created}..{n} with their EndpointSlices"));
+            let _t = Ticker::start("creating Services");
+            rt.block_on(create_background(&client, created, n, endpoints, &pods))?;
+            created = n;
+        }
+        let mut figures = Vec::new();
+        for peer in [Peer::FerroLb, Peer::KubeProxy] {
+            say(&format!("{} at {n} Services", peer.name()));
+            figures.push(measure(lab, &rt, &client, peer, kube_proxy, n, &pods)?);
+        }
+        tables.push((n, figures));
+        // Throughput once, at the smallest scale, with both proxies.
+        if throughput.is_none() {
+            throughput = Some(measure_throughput(lab, kube_proxy, &pods)?);
+        }
+    }
+
+    let mut table = Table::new(
+        &format!(
+            "Proxy against kube-proxy (nftables), one lab run, {endpoints} endpoints per Service (cargo run --release -p ferrolb-lab --bin ferrolb-bench -- proxy)"
+        ),
+        &["Services", "measure", "FerroLB", "kube-proxy", "kube-proxy / FerroLB"],
+    );
+    for (n, f) in &tables {
+        let (ours, theirs) = (&f[0], &f[1]);
+        let rows: [(&str, Option<f64>, Option<f64>, &str); 5] = [
+            ("full sync (start -> last Service in the kernel)", secs(ours.full_sync), secs(theirs.full_sync), "s"),
+            ("RSS once synced", ours.rss_kib.map(|k| k as f64 / 1024.0), theirs.rss_kib.map(|k| k as f64 / 1024.0), "MiB"),
+            ("one added Service: create -> first connection", secs(ours.add_to_connect).map(|s| s * 1e3), secs(theirs.add_to_connect).map(|s| s * 1e3), "ms"),
+            ("one added Service: network programming metric", ours.add_metric.map(|s| s * 1e3), theirs.add_metric.map(|s| s * 1e3), "ms"),
+            ("connect latency through a ClusterIP (median)", secs(ours.connect_median).map(|s| s * 1e6), secs(theirs.connect_median).map(|s| s * 1e6), "µs"),
+        ];
+        for (what, a, b, unit) in rows {
+            table.row(&[
+                n.to_string(),
+                what.to_string(),
+                fmt(a, unit),
+                fmt(b, unit),
+                ratio(b, a),
+            ]);
+        }
+    }
+    table.print();
+    if let Some((ours, theirs, direct)) = throughput {
+        let mut t = Table::new(
+            "Bulk TCP throughput, client -> LB IP -> pod against client -> pod (iperf3, 10 trials of 3 s, medians)",
+            &["path", "Gbit/s", "ratio to direct"],
+        );
+        t.row(&["client -> pod directly".into(), format!("{direct:.2}"), "1.00".into()]);
+        t.row(&["via FerroLB".into(), format!("{ours:.2}"), format!("{:.3}", ours / direct)]);
+        t.row(&["via kube-proxy".into(), format!("{theirs:.2}"), format!("{:.3}", theirs / direct)]);
+        t.print();
+    }
+    // Connect latency at the smallest against the largest scale.
+    if let (Some((_, small)), Some((big_n, big))) = (tables.first(), tables.last()) {
+        let mut t = Table::new("Connect latency ratio, largest scale / smallest scale", &["proxy", "ratio"]);
+        for (i, peer) in [Peer::FerroLb, Peer::KubeProxy].iter().enumerate() {
+            let r = match (small[i].connect_median, big[i].connect_median) {
+                (Some(a), Some(b)) => format!("{:.3} ({big_n} Services)", b.as_secs_f64() / a.as_secs_f64()),
+                _ => "-".into(),
+            };
+            t.row(&[peer.name().into(), r]);
+        }
+        t.print();
+    }
+    Ok(())
+}
+
+fn secs(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64())
+}
+
+fn fmt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0} {unit}"),
+        Some(v) => format!("{v:.2} {unit}"),
+        None => "-".into(),
+    }
+}
+
+fn ratio(theirs: Option<f64>, ours: Option<f64>) -> String {
+    match (theirs, ours) {
+        (Some(t), Some(o)) if o > 0.0 => format!("{:.1}x", t / o),
+        _ => "-".into(),
+    }
+}
+
+/// Names and IPs of the real pods.
+fn real_pods(lab: &Lab) -> Result<Vec<(String, Ipv4Addr)>> {
+    let out = lab.kubectl_ok(&[
+        "get", "pods", "-n", NS, "-l", "app=real", "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.podIP}{\"\\n\"}{end}",
+    ])?;
+    out.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, ip)| Ok((n.to_string(), ip.parse()?)))
+        .collect()
+}
+
+fn service_json(name: &str, ip: Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+    })
+}
+
+/// A slice of `endpoints` endpoints: the real pods first when `real`, the
+/// rest addresses nobody owns (traffic to them dies unanswered).
+fn slice_json(name: &str, endpoints: usize, pods: &[(String, Ipv4Addr)], real_only: bool, trigger: Option<&str>) -> serde_json::Value {
+    let mut eps: Vec<serde_json::Value> = Vec::new();
+    for (_, ip) in pods.iter().take(endpoints) {
+        eps.push(serde_json::json!({"addresses": [ip.to_string()], "nodeName": "node-1", "conditions": {"ready": true}}));
+    }
+    if !real_only {
+        for j in pods.len()..endpoints {
+            eps.push(serde_json::json!({"addresses": [format!("198.19.200.{}", 10 + j)], "nodeName": "node-1", "conditions": {"ready": true}}));
+        }
+    }
+    let mut meta = serde_json::json!({"name": format!("{name}-1"), "namespace": NS,
+        "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "ferrolb-bench"}});
+    if let Some(t) = trigger {
+        meta["annotations"] = serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": t});
+    }
+    serde_json::json!({
+        "metadata": meta,
+        "addressType": "IPv4",
+        "endpoints": eps,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+async fn create_background(client: &kube::Client, from: usize, to: usize, endpoints: usize, pods: &[(String, Ipv4Addr)]) -> Result<()> {
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let results: Vec<Result<()>> = futures::stream::iter(from..to)
+        .map(|i| {
+            let (services, slices) = (services.clone(), slices.clone());
+            async move {
+                let name = format!("s{i:05}");
+                let svc: Service = serde_json::from_value(service_json(&name, background_ip(i)))?;
+                services.create(&PostParams::default(), &svc).await?;
+                let slice: EndpointSlice = serde_json::from_value(slice_json(&name, endpoints, pods, false, None))?;
+                slices.create(&PostParams::default(), &slice).await?;
+                if (i + 1) % 1000 == 0 {
+                    say(&format!("created {}/{to}", i + 1));
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let failed: Vec<&anyhow::Error> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    ensure!(failed.is_empty(), "{} creates failed, e.g. {:#}", failed.len(), failed[0]);
+    Ok(())
+}
+
+fn node_netns() -> String {
+    format!("{PREFIX}-node-1")
+}
+
+/// Whether the kernel already programs `ip:80` for `peer`.
+fn programmed(peer: Peer, ip: Ipv4Addr) -> bool {
+    let (table, map) = match peer {
+        Peer::FerroLb => ("ferrolb-proxy", "dispatch"),
+        Peer::KubeProxy => ("kube-proxy", "service-ips"),
+    };
+    Command::new("ip")
+        .args(["netns", "exec", &node_netns(), "nft", "get", "element", "ip", table, map])
+        .arg(format!("{{ {ip} . tcp . 80 }}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn start_ferrolb(lab: &Lab) -> Result<u32> {
+    crate::commands::request(lab.state(), "start proxy@node-1")?;
+    lab.state().read_pid("proxy@node-1").context("no pid for proxy@node-1")
+}
+
+fn stop_ferrolb(lab: &Lab) -> Result<()> {
+    if lab.state().read_pid("proxy@node-1").is_some() {
+        let _ = lab.cli(&["stop", "proxy@node-1"]);
+    }
+    // Remove its tables, as an operator switching proxies would.
+    let bin = lab_bin("ferrolb-proxy")?;
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &node_netns()])
+        .arg(&bin)
+        .args(["--cleanup", "--node-name", "node-1"])
+        .output();
+    Ok(())
+}
+
+fn lab_bin(name: &str) -> Result<std::path::PathBuf> {
+    let p = std::env::current_exe()?.with_file_name(name);
+    ensure!(p.exists(), "{} is missing; build the workspace first", p.display());
+    Ok(p)
+}
+
+fn start_kube_proxy(lab: &Lab, binary: &Path) -> Result<Child> {
+    let kubeconfig = lab.state().kubeconfig("kube-proxy");
+    let args = control_plane::kube_proxy_args(1, &kubeconfig, addresses::IpFamily::Ipv4);
+    let log = std::fs::File::create(lab.state().log("bench-kube-proxy"))?;
+    Ok(Command::new("ip")
+        .args(["netns", "exec", &node_netns()])
+        .arg(binary)
+        .args(&args)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+fn stop_kube_proxy(mut child: Child, binary: &Path) -> Result<()> {
+    crate::process::signal(child.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &node_netns()])
+        .arg(binary)
+        .arg("--cleanup")
+        .output();
+    Ok(())
+}
+
+/// Reads one metric's `_sum` and `_count` from a proxy on the node.
+fn histogram(name: &str) -> Option<(f64, f64)> {
+    let addr: SocketAddr = format!("{}:10249", addresses::node_v4(1)).parse().ok()?;
+    let (code, body) = ferrolb_runtime::testing::http_get(addr, "/metrics")?;
+    if code != 200 {
+        return None;
+    }
+    let value = |suffix: &str| -> Option<f64> {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .reduce(|a, b| a + b)
+    };
+    Some((value("_sum")?, value("_count")?))
+}
+
+fn measure(
+    lab: &Lab,
+    rt: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    peer: Peer,
+    kube_proxy: &Path,
+    n: usize,
+    pods: &[(String, Ipv4Addr)],
+) -> Result<Figures> {
+    let mut f = Figures::default();
+    let last = background_ip(n - 1);
+    let started = Instant::now();
+    let (pid, child) = match peer {
+        Peer::FerroLb => (start_ferrolb(lab)?, None),
+        Peer::KubeProxy => {
+            let c = start_kube_proxy(lab, kube_proxy)?;
+            (c.id(), Some(c))
+        }
+    };
+    {
+        let _t = Ticker::start("waiting for the full sync");
+        while !programmed(peer, last) {
+            ensure!(started.elapsed() < Duration::from_secs(1200), "{} never programmed {last}", peer.name());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    f.full_sync = Some(started.elapsed());
+    std::thread::sleep(Duration::from_secs(3));
+    // `ip netns exec` execs in place: the pid is the proxy's own.
+    f.rss_kib = rss_kib(pid);
+
+    // One added Service, reachable through its real endpoints only.
+    let probe = probe_ip(n + peer as usize);
+    let name = format!("probe-{}-{n}", peer.name().to_lowercase());
+    let metric = "kubeproxy_network_programming_duration_seconds";
+    let before = histogram(metric);
+    let prober = Command::new("ip")
+        .args(["netns", "exec", &node_netns()])
+        .arg(std::env::current_exe()?)
+        .args(["probe-connect", &format!("{probe}:80"), "--timeout-ms", "60000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = unix_nanos();
+    let trigger = k8s_openapi::jiff::Timestamp::now().to_string();
+    rt.block_on(async {
+        let services: Api<Service> = Api::namespaced(client.clone(), NS);
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+        let svc: Service = serde_json::from_value(service_json(&name, probe))?;
+        services.create(&PostParams::default(), &svc).await?;
+        let slice: EndpointSlice = serde_json::from_value(slice_json(&name, 3, pods, true, Some(&trigger)))?;
+        slices.create(&PostParams::default(), &slice).await?;
+        anyhow::Ok(())
+    })?;
+    let out = prober.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(at) = text.trim().parse::<u128>().ok().filter(|_| out.status.success()) {
+        f.add_to_connect = Some(Duration::from_nanos(at.saturating_sub(t0) as u64));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    if let (Some((s0, c0)), Some((s1, c1))) = (before, histogram(metric))
+        && c1 > c0
+    {
+        f.add_metric = Some((s1 - s0) / (c1 - c0));
+    }
+
+    // Connect latency through the probe ClusterIP.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node_netns()])
+        .arg(std::env::current_exe()?)
+        .args(["connect-latency", &format!("{probe}:80"), "--count", "300"])
+        .output()?;
+    if out.status.success() {
+        f.connect_median = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(Duration::from_micros);
+    }
+
+    match (peer, child) {
+        (Peer::FerroLb, _) => stop_ferrolb(lab)?,
+        (Peer::KubeProxy, Some(c)) => stop_kube_proxy(c, kube_proxy)?,
+        (Peer::KubeProxy, None) => bail!("kube-proxy was not started"),
+    }
+    say(&format!("{} at {n}: {f:?}", peer.name()));
+    Ok(f)
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Client -> LB IP -> pod (through each proxy) against client -> pod.
+fn measure_throughput(lab: &Lab, kube_proxy: &Path, pods: &[(String, Ipv4Addr)]) -> Result<(f64, f64, f64)> {
+    let lb = lab
+        .kubectl_ok(&["get", "svc", "bulk", "-n", NS, "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"])?
+        .trim()
+        .to_string();
+    ensure!(!lb.is_empty(), "the bulk Service has no LB IP");
+    let node = addresses::node_v4(1).to_string();
+    let route = lab.exec("client", &["ip", "route", "replace", &format!("{lb}/32"), "via", &node])?;
+    ensure!(route.status.success(), "client route: {}", String::from_utf8_lossy(&route.stderr));
+    let direct_ip = pods[0].1.to_string();
+    let trial = |target: &str| -> Result<f64> {
+        let out = lab.exec("client", &["iperf3", "-c", target, "-p", "5201", "-t", "3", "-J"])?;
+        ensure!(out.status.success(), "iperf3 to {target}: {}", String::from_utf8_lossy(&out.stdout));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .context("iperf3 JSON without sum_received")
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    say("throughput: client -> pod directly");
+    let direct = median((0..10).map(|_| trial(&direct_ip)).collect::<Result<_>>()?);
+    say("throughput: via FerroLB");
+    start_ferrolb(lab)?;
+    wait_reachable(lab, &lb)?;
+    let ours = median((0..10).map(|_| trial(&lb)).collect::<Result<_>>()?);
+    stop_ferrolb(lab)?;
+    say("throughput: via kube-proxy");
+    let c = start_kube_proxy(lab, kube_proxy)?;
+    wait_reachable(lab, &lb)?;
+    let theirs = median((0..10).map(|_| trial(&lb)).collect::<Result<_>>()?);
+    stop_kube_proxy(c, kube_proxy)?;
+    let _ = lab.exec("client", &["ip", "route", "del", &format!("{lb}/32")]);
+    Ok((ours, theirs, direct))
+}
+
+fn wait_reachable(lab: &Lab, ip: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let out = lab.exec("client", &["iperf3", "-c", ip, "-p", "5201", "-t", "1"])?;
+        if out.status.success() {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(300), "{ip} never became reachable");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `probe-connect`: connects to `addr` every few milliseconds until one
+/// connection succeeds; prints the wall time of that success (ns since the
+/// epoch) and exits 0, or exits 1 after `timeout`.
+pub fn probe_connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+            println!("{}", unix_nanos());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("no connection to {addr} within {timeout:?}")
+}
+
+/// `connect-latency`: the median time of `count` TCP connects to `addr`,
+/// in microseconds.
+pub fn connect_latency(addr: SocketAddr, count: usize) -> Result<()> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        times.push(t.elapsed());
+        drop(s);
+    }
+    times.sort();
+    println!("{}", times[times.len() / 2].as_micros());
+    Ok(())
+}
