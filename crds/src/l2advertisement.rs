@@ -43,9 +43,9 @@ pub struct L2AdvertisementSpec {
     #[schemars(schema_with = "node_selectors")]
     pub node_selectors: Vec<LabelSelector>,
 
-    /// Interfaces to answer on. Empty means every eligible interface: up,
-    /// broadcast-capable, ARP-capable, and not a bridge port, veth, CNI or
-    /// tunnel device.
+    /// Interfaces to answer on. Empty means the interfaces on which the IP
+    /// is on-link (a local address whose prefix contains it), else the
+    /// interface holding the node's InternalIP; never every interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "interface_names")]
     pub interfaces: Vec<String>,

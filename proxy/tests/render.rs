@@ -131,7 +131,9 @@ fn internal_traffic_policy_local() {
         ("http", 8080, "TCP"),
         &[ready("198.19.1.5", "node-1"), ready("198.19.2.5", "node-2")],
     );
-    insta::assert_snapshot!(added(&render(Family::V4, std::slice::from_ref(&svc), &[here]).ruleset));
+    insta::assert_snapshot!(added(
+        &render(Family::V4, std::slice::from_ref(&svc), &[here]).ruleset
+    ));
     let elsewhere = slice(
         "default",
         "web",

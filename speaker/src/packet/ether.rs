@@ -117,7 +117,13 @@ mod tests {
         let mac = MacAddr([0x02, 0x00, 0x5e, 0x0a, 0xbc, 0xff]);
         assert_eq!(mac.to_string(), "02:00:5e:0a:bc:ff");
         assert_eq!("02:00:5E:0a:bc:ff".parse::<MacAddr>(), Ok(mac));
-        for bad in ["", "02:00:5e:0a:bc", "02:00:5e:0a:bc:ff:00", "2:00:5e:0a:bc:ff", "zz:00:5e:0a:bc:ff"] {
+        for bad in [
+            "",
+            "02:00:5e:0a:bc",
+            "02:00:5e:0a:bc:ff:00",
+            "2:00:5e:0a:bc:ff",
+            "zz:00:5e:0a:bc:ff",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

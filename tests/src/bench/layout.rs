@@ -132,17 +132,29 @@ fn render_flat(services: usize, endpoints: usize) -> Ruleset {
     let (ports, eps) = world(services, endpoints);
     let node = NodeFacts {
         name: "node-1".into(),
-        addresses: vec!["198.18.0.11".parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))],
+        addresses: vec![
+            "198.18.0.11"
+                .parse()
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ],
         ..Default::default()
     };
     let cfg = Config {
         table: "ferrolb-proxy".into(),
         masquerade_bit: 1 << 14,
         masquerade_all: false,
-        cluster_cidrs: vec!["198.19.0.0/16".parse().unwrap_or(ipnet::IpNet::V4(Default::default()))],
+        cluster_cidrs: vec![
+            "198.19.0.0/16"
+                .parse()
+                .unwrap_or(ipnet::IpNet::V4(Default::default())),
+        ],
         nodeport_addresses: NodePortAddresses::Primary,
     };
-    let cidrs = vec!["198.18.64.0/18".parse().unwrap_or(ipnet::IpNet::V4(Default::default()))];
+    let cidrs = vec![
+        "198.18.64.0/18"
+            .parse()
+            .unwrap_or(ipnet::IpNet::V4(Default::default())),
+    ];
     render::render(
         Family::V4,
         &cfg,
@@ -165,8 +177,12 @@ fn kube_proxy_shape(from: usize, to: usize, endpoints: usize, with_base: bool) -
     let _ = writeln!(t, "table ip kube-proxy {{");
     if with_base {
         t.push_str("\tchain mark-for-masquerade {\n\t\tmeta mark set meta mark | 0x4000\n\t}\n");
-        t.push_str("\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n");
-        t.push_str("\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n");
+        t.push_str(
+            "\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n",
+        );
+        t.push_str(
+            "\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n",
+        );
         t.push_str("\tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}\n");
     }
     for i in from..to {
@@ -191,7 +207,12 @@ fn kube_proxy_shape(from: usize, to: usize, endpoints: usize, with_base: bool) -
     t.push_str("}\n");
     // Elements after the chains they jump to.
     let elements: Vec<String> = (from..to)
-        .map(|i| format!("{} . tcp . 80 : goto service-{i:05}-bench/s{i:05}/tcp/http", cluster_ip(i)))
+        .map(|i| {
+            format!(
+                "{} . tcp . 80 : goto service-{i:05}-bench/s{i:05}/tcp/http",
+                cluster_ip(i)
+            )
+        })
         .collect();
     if !elements.is_empty() {
         let _ = writeln!(
@@ -204,12 +225,17 @@ fn kube_proxy_shape(from: usize, to: usize, endpoints: usize, with_base: bool) -
 }
 
 pub fn run(services: usize, endpoints: usize) -> Result<()> {
-    ensure!(services < 16000, "the ClusterIP range of the bench holds 16k Services");
+    ensure!(
+        services < 16000,
+        "the ClusterIP range of the bench holds 16k Services"
+    );
     say(&format!(
         "layouts: {services} Services x {endpoints} endpoints, each loaded into an empty network namespace"
     ));
     let mut table = Table::new(
-        &format!("Ruleset layouts in the kernel ({services} Services x {endpoints} endpoints, cargo run --release -p ferrolb-lab --bin ferrolb-bench -- proxy-layout)"),
+        &format!(
+            "Ruleset layouts in the kernel ({services} Services x {endpoints} endpoints, cargo run --release -p ferrolb-lab --bin ferrolb-bench -- proxy-layout)"
+        ),
         &["layout", "load all", "then one more Service", "objects"],
     );
 
@@ -234,7 +260,11 @@ pub fn run(services: usize, endpoints: usize) -> Result<()> {
             "FerroLB flat, netlink (the proxy)".into(),
             ms(load),
             ms(one),
-            format!("{} chains, {} elements", flat.chains.len(), flat.element_count()),
+            format!(
+                "{} chains, {} elements",
+                flat.chains.len(),
+                flat.element_count()
+            ),
         ]);
     }
     {
@@ -254,7 +284,11 @@ pub fn run(services: usize, endpoints: usize) -> Result<()> {
             "FerroLB flat, nft -f".into(),
             ms(load),
             ms(one),
-            format!("{} chains, {} elements", flat.chains.len(), flat.element_count()),
+            format!(
+                "{} chains, {} elements",
+                flat.chains.len(),
+                flat.element_count()
+            ),
         ]);
     }
     {

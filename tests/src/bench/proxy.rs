@@ -107,12 +107,26 @@ fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> R
     lab.apply(&format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: real, namespace: {NS}}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: real}}}}\n  template:\n    metadata: {{labels: {{app: real}}}}\n    spec:\n      containers: [{{name: echo, image: x, ports: [{{containerPort: 8080}}]}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bulk, namespace: {NS}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: real}}\n  ports: [{{name: iperf, port: 5201, targetPort: 5201}}]\n"
     ))?;
-    lab.kubectl_ok(&["rollout", "status", "deployment/real", "-n", NS, "--timeout=120s"])?;
+    lab.kubectl_ok(&[
+        "rollout",
+        "status",
+        "deployment/real",
+        "-n",
+        NS,
+        "--timeout=120s",
+    ])?;
     let pods = real_pods(lab)?;
     ensure!(pods.len() == 3, "real pods: {pods:?}");
     for (name, _) in &pods {
-        let out = lab.exec(&format!("pod/{NS}/{name}"), &["iperf3", "-s", "-D", "-p", "5201"])?;
-        ensure!(out.status.success(), "iperf3 -s in {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = lab.exec(
+            &format!("pod/{NS}/{name}"),
+            &["iperf3", "-s", "-D", "-p", "5201"],
+        )?;
+        ensure!(
+            out.status.success(),
+            "iperf3 -s in {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     let rt = tokio::runtime::Runtime::new()?;
@@ -122,7 +136,9 @@ fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> R
     let mut throughput = None;
     for &n in scales {
         if n > created {
-            say(&format!("creating background Services {created}..{n} with their EndpointSlices"));
+            say(&format!(
+                "creating background Services {created}..{n} with their EndpointSlices"
+            ));
             let _t = Ticker::start("creating Services");
             rt.block_on(create_background(&client, created, n, endpoints, &pods))?;
             created = n;
@@ -143,16 +159,47 @@ fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> R
         &format!(
             "Proxy against kube-proxy (nftables), one lab run, {endpoints} endpoints per Service (cargo run --release -p ferrolb-lab --bin ferrolb-bench -- proxy)"
         ),
-        &["Services", "measure", "FerroLB", "kube-proxy", "kube-proxy / FerroLB"],
+        &[
+            "Services",
+            "measure",
+            "FerroLB",
+            "kube-proxy",
+            "kube-proxy / FerroLB",
+        ],
     );
     for (n, f) in &tables {
         let (ours, theirs) = (&f[0], &f[1]);
         let rows: [(&str, Option<f64>, Option<f64>, &str); 5] = [
-            ("full sync (start -> last Service in the kernel)", secs(ours.full_sync), secs(theirs.full_sync), "s"),
-            ("RSS once synced", ours.rss_kib.map(|k| k as f64 / 1024.0), theirs.rss_kib.map(|k| k as f64 / 1024.0), "MiB"),
-            ("one added Service: create -> first connection", secs(ours.add_to_connect).map(|s| s * 1e3), secs(theirs.add_to_connect).map(|s| s * 1e3), "ms"),
-            ("one added Service: network programming metric", ours.add_metric.map(|s| s * 1e3), theirs.add_metric.map(|s| s * 1e3), "ms"),
-            ("connect latency through a ClusterIP (median)", secs(ours.connect_median).map(|s| s * 1e6), secs(theirs.connect_median).map(|s| s * 1e6), "µs"),
+            (
+                "full sync (start -> last Service in the kernel)",
+                secs(ours.full_sync),
+                secs(theirs.full_sync),
+                "s",
+            ),
+            (
+                "RSS once synced",
+                ours.rss_kib.map(|k| k as f64 / 1024.0),
+                theirs.rss_kib.map(|k| k as f64 / 1024.0),
+                "MiB",
+            ),
+            (
+                "one added Service: create -> first connection",
+                secs(ours.add_to_connect).map(|s| s * 1e3),
+                secs(theirs.add_to_connect).map(|s| s * 1e3),
+                "ms",
+            ),
+            (
+                "one added Service: network programming metric",
+                ours.add_metric.map(|s| s * 1e3),
+                theirs.add_metric.map(|s| s * 1e3),
+                "ms",
+            ),
+            (
+                "connect latency through a ClusterIP (median)",
+                secs(ours.connect_median).map(|s| s * 1e6),
+                secs(theirs.connect_median).map(|s| s * 1e6),
+                "µs",
+            ),
         ];
         for (what, a, b, unit) in rows {
             table.row(&[
@@ -170,17 +217,35 @@ fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> R
             "Bulk TCP throughput, client -> LB IP -> pod against client -> pod (iperf3, 10 trials of 3 s, medians)",
             &["path", "Gbit/s", "ratio to direct"],
         );
-        t.row(&["client -> pod directly".into(), format!("{direct:.2}"), "1.00".into()]);
-        t.row(&["via FerroLB".into(), format!("{ours:.2}"), format!("{:.3}", ours / direct)]);
-        t.row(&["via kube-proxy".into(), format!("{theirs:.2}"), format!("{:.3}", theirs / direct)]);
+        t.row(&[
+            "client -> pod directly".into(),
+            format!("{direct:.2}"),
+            "1.00".into(),
+        ]);
+        t.row(&[
+            "via FerroLB".into(),
+            format!("{ours:.2}"),
+            format!("{:.3}", ours / direct),
+        ]);
+        t.row(&[
+            "via kube-proxy".into(),
+            format!("{theirs:.2}"),
+            format!("{:.3}", theirs / direct),
+        ]);
         t.print();
     }
     // Connect latency at the smallest against the largest scale.
     if let (Some((_, small)), Some((big_n, big))) = (tables.first(), tables.last()) {
-        let mut t = Table::new("Connect latency ratio, largest scale / smallest scale", &["proxy", "ratio"]);
+        let mut t = Table::new(
+            "Connect latency ratio, largest scale / smallest scale",
+            &["proxy", "ratio"],
+        );
         for (i, peer) in [Peer::FerroLb, Peer::KubeProxy].iter().enumerate() {
             let r = match (small[i].connect_median, big[i].connect_median) {
-                (Some(a), Some(b)) => format!("{:.3} ({big_n} Services)", b.as_secs_f64() / a.as_secs_f64()),
+                (Some(a), Some(b)) => format!(
+                    "{:.3} ({big_n} Services)",
+                    b.as_secs_f64() / a.as_secs_f64()
+                ),
                 _ => "-".into(),
             };
             t.row(&[peer.name().into(), r]);
@@ -212,7 +277,13 @@ fn ratio(theirs: Option<f64>, ours: Option<f64>) -> String {
 /// Names and IPs of the real pods.
 fn real_pods(lab: &Lab) -> Result<Vec<(String, Ipv4Addr)>> {
     let out = lab.kubectl_ok(&[
-        "get", "pods", "-n", NS, "-l", "app=real", "-o",
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app=real",
+        "-o",
         "jsonpath={range .items[*]}{.metadata.name} {.status.podIP}{\"\\n\"}{end}",
     ])?;
     out.lines()
@@ -231,7 +302,13 @@ fn service_json(name: &str, ip: Ipv4Addr) -> serde_json::Value {
 
 /// A slice of `endpoints` endpoints: the real pods first when `real`, the
 /// rest addresses nobody owns (traffic to them dies unanswered).
-fn slice_json(name: &str, endpoints: usize, pods: &[(String, Ipv4Addr)], real_only: bool, trigger: Option<&str>) -> serde_json::Value {
+fn slice_json(
+    name: &str,
+    endpoints: usize,
+    pods: &[(String, Ipv4Addr)],
+    real_only: bool,
+    trigger: Option<&str>,
+) -> serde_json::Value {
     let mut eps: Vec<serde_json::Value> = Vec::new();
     for (_, ip) in pods.iter().take(endpoints) {
         eps.push(serde_json::json!({"addresses": [ip.to_string()], "nodeName": "node-1", "conditions": {"ready": true}}));
@@ -244,7 +321,8 @@ fn slice_json(name: &str, endpoints: usize, pods: &[(String, Ipv4Addr)], real_on
     let mut meta = serde_json::json!({"name": format!("{name}-1"), "namespace": NS,
         "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "ferrolb-bench"}});
     if let Some(t) = trigger {
-        meta["annotations"] = serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": t});
+        meta["annotations"] =
+            serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": t});
     }
     serde_json::json!({
         "metadata": meta,
@@ -254,7 +332,13 @@ fn slice_json(name: &str, endpoints: usize, pods: &[(String, Ipv4Addr)], real_on
     })
 }
 
-async fn create_background(client: &kube::Client, from: usize, to: usize, endpoints: usize, pods: &[(String, Ipv4Addr)]) -> Result<()> {
+async fn create_background(
+    client: &kube::Client,
+    from: usize,
+    to: usize,
+    endpoints: usize,
+    pods: &[(String, Ipv4Addr)],
+) -> Result<()> {
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     let results: Vec<Result<()>> = futures::stream::iter(from..to)
@@ -264,7 +348,8 @@ async fn create_background(client: &kube::Client, from: usize, to: usize, endpoi
                 let name = format!("s{i:05}");
                 let svc: Service = serde_json::from_value(service_json(&name, background_ip(i)))?;
                 services.create(&PostParams::default(), &svc).await?;
-                let slice: EndpointSlice = serde_json::from_value(slice_json(&name, endpoints, pods, false, None))?;
+                let slice: EndpointSlice =
+                    serde_json::from_value(slice_json(&name, endpoints, pods, false, None))?;
                 slices.create(&PostParams::default(), &slice).await?;
                 if (i + 1) % 1000 == 0 {
                     say(&format!("created {}/{to}", i + 1));
@@ -276,7 +361,12 @@ async fn create_background(client: &kube::Client, from: usize, to: usize, endpoi
         .collect()
         .await;
     let failed: Vec<&anyhow::Error> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    ensure!(failed.is_empty(), "{} creates failed, e.g. {:#}", failed.len(), failed[0]);
+    ensure!(
+        failed.is_empty(),
+        "{} creates failed, e.g. {:#}",
+        failed.len(),
+        failed[0]
+    );
     Ok(())
 }
 
@@ -291,7 +381,17 @@ fn programmed(peer: Peer, ip: Ipv4Addr) -> bool {
         Peer::KubeProxy => ("kube-proxy", "service-ips"),
     };
     Command::new("ip")
-        .args(["netns", "exec", &node_netns(), "nft", "get", "element", "ip", table, map])
+        .args([
+            "netns",
+            "exec",
+            &node_netns(),
+            "nft",
+            "get",
+            "element",
+            "ip",
+            table,
+            map,
+        ])
         .arg(format!("{{ {ip} . tcp . 80 }}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -312,7 +412,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 fn start_ferrolb(lab: &Lab) -> Result<u32> {
     crate::commands::request(lab.state(), "start proxy@node-1")?;
-    lab.state().read_pid("proxy@node-1").context("no pid for proxy@node-1")
+    lab.state()
+        .read_pid("proxy@node-1")
+        .context("no pid for proxy@node-1")
 }
 
 fn stop_ferrolb(lab: &Lab) -> Result<()> {
@@ -331,7 +433,11 @@ fn stop_ferrolb(lab: &Lab) -> Result<()> {
 
 fn lab_bin(name: &str) -> Result<std::path::PathBuf> {
     let p = std::env::current_exe()?.with_file_name(name);
-    ensure!(p.exists(), "{} is missing; build the workspace first", p.display());
+    ensure!(
+        p.exists(),
+        "{} is missing; build the workspace first",
+        p.display()
+    );
     Ok(p)
 }
 
@@ -405,7 +511,11 @@ fn measure(
     {
         let _t = Ticker::start("waiting for the full sync");
         while !programmed(peer, last) {
-            ensure!(started.elapsed() < Duration::from_secs(1200), "{} never programmed {last}", peer.name());
+            ensure!(
+                started.elapsed() < Duration::from_secs(1200),
+                "{} never programmed {last}",
+                peer.name()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -422,7 +532,12 @@ fn measure(
     let prober = Command::new("ip")
         .args(["netns", "exec", &node_netns()])
         .arg(std::env::current_exe()?)
-        .args(["probe-connect", &format!("{probe}:80"), "--timeout-ms", "60000"])
+        .args([
+            "probe-connect",
+            &format!("{probe}:80"),
+            "--timeout-ms",
+            "60000",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -434,13 +549,19 @@ fn measure(
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
         let svc: Service = serde_json::from_value(service_json(&name, probe))?;
         services.create(&PostParams::default(), &svc).await?;
-        let slice: EndpointSlice = serde_json::from_value(slice_json(&name, 3, pods, true, Some(&trigger)))?;
+        let slice: EndpointSlice =
+            serde_json::from_value(slice_json(&name, 3, pods, true, Some(&trigger)))?;
         slices.create(&PostParams::default(), &slice).await?;
         anyhow::Ok(())
     })?;
     let out = prober.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if let Some(at) = text.trim().parse::<u128>().ok().filter(|_| out.status.success()) {
+    if let Some(at) = text
+        .trim()
+        .parse::<u128>()
+        .ok()
+        .filter(|_| out.status.success())
+    {
         f.add_to_connect = Some(Duration::from_nanos(at.saturating_sub(t0) as u64));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -481,19 +602,45 @@ fn unix_nanos() -> u128 {
 }
 
 /// Client -> LB IP -> pod (through each proxy) against client -> pod.
-fn measure_throughput(lab: &Lab, kube_proxy: &Path, pods: &[(String, Ipv4Addr)]) -> Result<(f64, f64, f64)> {
+fn measure_throughput(
+    lab: &Lab,
+    kube_proxy: &Path,
+    pods: &[(String, Ipv4Addr)],
+) -> Result<(f64, f64, f64)> {
     let lb = lab
-        .kubectl_ok(&["get", "svc", "bulk", "-n", NS, "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"])?
+        .kubectl_ok(&[
+            "get",
+            "svc",
+            "bulk",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ])?
         .trim()
         .to_string();
     ensure!(!lb.is_empty(), "the bulk Service has no LB IP");
     let node = addresses::node_v4(1).to_string();
-    let route = lab.exec("client", &["ip", "route", "replace", &format!("{lb}/32"), "via", &node])?;
-    ensure!(route.status.success(), "client route: {}", String::from_utf8_lossy(&route.stderr));
+    let route = lab.exec(
+        "client",
+        &["ip", "route", "replace", &format!("{lb}/32"), "via", &node],
+    )?;
+    ensure!(
+        route.status.success(),
+        "client route: {}",
+        String::from_utf8_lossy(&route.stderr)
+    );
     let direct_ip = pods[0].1.to_string();
     let trial = |target: &str| -> Result<f64> {
-        let out = lab.exec("client", &["iperf3", "-c", target, "-p", "5201", "-t", "3", "-J"])?;
-        ensure!(out.status.success(), "iperf3 to {target}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = lab.exec(
+            "client",
+            &["iperf3", "-c", target, "-p", "5201", "-t", "3", "-J"],
+        )?;
+        ensure!(
+            out.status.success(),
+            "iperf3 to {target}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
@@ -527,7 +674,10 @@ fn wait_reachable(lab: &Lab, ip: &str) -> Result<()> {
         if out.status.success() {
             return Ok(());
         }
-        ensure!(started.elapsed() < Duration::from_secs(300), "{ip} never became reachable");
+        ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "{ip} never became reachable"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }

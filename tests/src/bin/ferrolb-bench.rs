@@ -82,11 +82,16 @@ fn main() -> Result<()> {
         What::Allocator { services } => allocator(services),
         What::AllocatorMemory { cidr, services } => allocator_memory(&cidr, services),
         What::Controller { services } => controller(services),
-        What::Proxy { services, endpoints } => ferrolb_lab::bench::proxy::run(&services, endpoints),
+        What::Proxy {
+            services,
+            endpoints,
+        } => ferrolb_lab::bench::proxy::run(&services, endpoints),
         What::ProbeConnect { addr, timeout_ms } => {
             ferrolb_lab::bench::proxy::probe_connect(addr, Duration::from_millis(timeout_ms))
         }
-        What::ConnectLatency { addr, count } => ferrolb_lab::bench::proxy::connect_latency(addr, count),
+        What::ConnectLatency { addr, count } => {
+            ferrolb_lab::bench::proxy::connect_latency(addr, count)
+        }
         What::ProxyLayout {
             services,
             endpoints,
