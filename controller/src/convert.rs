@@ -18,28 +18,7 @@ use crate::allocator::{
     Allocation, Family, FamilyPolicy, Labels, Pool, Port, Selector, ServiceKey, ServiceRequest,
 };
 
-/// Which Services this controller serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClassFilter {
-    /// `spec.loadBalancerClass` that is ours.
-    pub class: String,
-    /// Whether Services without a class are ours too.
-    pub classless: bool,
-}
-
-impl ClassFilter {
-    /// True for `type: LoadBalancer` Services of our class.
-    pub fn is_ours(&self, svc: &Service) -> bool {
-        let Some(spec) = &svc.spec else { return false };
-        if spec.type_.as_deref() != Some("LoadBalancer") {
-            return false;
-        }
-        match spec.load_balancer_class.as_deref() {
-            None => self.classless,
-            Some(class) => class == self.class,
-        }
-    }
-}
+pub use ferrolb_crds::class::ClassFilter;
 
 pub fn service_key(svc: &Service) -> ServiceKey {
     ServiceKey::new(

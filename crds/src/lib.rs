@@ -8,6 +8,7 @@
 
 pub mod addresses;
 pub mod annotations;
+pub mod class;
 pub mod l2advertisement;
 pub mod manifests;
 pub mod pool;

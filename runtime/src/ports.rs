@@ -14,6 +14,10 @@ pub const SPEAKER: DefaultPorts = DefaultPorts {
     health: 7475,
 };
 
+/// The speakers' heartbeats (UDP), between MetalLB's memberlist (7946)
+/// and our HTTP ports, so both can run on one node during a migration.
+pub const SPEAKER_HEARTBEAT: u16 = 7476;
+
 /// Metrics on kube-proxy's port, so existing scrape configs keep working;
 /// kube-proxy's `/healthz` and `/livez` are on 10256 (`--healthz-bind-address`).
 pub const PROXY: DefaultPorts = DefaultPorts {
@@ -31,5 +35,6 @@ mod tests {
         for p in [CONTROLLER, SPEAKER, PROXY] {
             assert!(seen.insert(p.metrics) && seen.insert(p.health), "{p:?}");
         }
+        assert!(seen.insert(SPEAKER_HEARTBEAT));
     }
 }

@@ -120,6 +120,51 @@ pub fn eligible(
         .collect()
 }
 
+/// Why [`eligible`] is empty for `ip`, in words for a Service condition:
+/// the first rule that leaves no node.
+pub fn why_no_candidate(
+    ip: &Announced,
+    ads: &[Advertisement],
+    nodes: &BTreeMap<String, NodeFacts>,
+) -> String {
+    let covering: Vec<&Advertisement> = ads.iter().filter(|a| a.covers(ip)).collect();
+    if covering.is_empty() {
+        return format!(
+            "no L2Advertisement covers pool {} for this Service (check ipAddressPools, ipAddressPoolSelectors and serviceSelectors)",
+            ip.pool
+        );
+    }
+    let names = covering
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let selected: Vec<&String> = nodes
+        .iter()
+        .filter(|(_, n)| covering.iter().any(|a| a.selects_node(&n.labels)))
+        .map(|(name, _)| name)
+        .collect();
+    if selected.is_empty() {
+        return format!("no node matches the nodeSelectors of L2Advertisement {names}");
+    }
+    let usable: Vec<&String> = selected
+        .iter()
+        .copied()
+        .filter(|name| {
+            nodes
+                .get(*name)
+                .is_some_and(|n| !n.network_unavailable && !n.labels.contains_key(EXCLUDE_LABEL))
+        })
+        .collect();
+    if usable.is_empty() {
+        return format!(
+            "every node L2Advertisement {names} selects is labelled {EXCLUDE_LABEL} or has NetworkUnavailable"
+        );
+    }
+    "externalTrafficPolicy is Local and no selected node has a ready endpoint of the Service"
+        .to_string()
+}
+
 /// The IP whose text each announced IP is hashed with.
 ///
 /// MetalLB hashes a Service's first IP and announces all of its IPs from

@@ -27,6 +27,9 @@ pub struct Link {
     pub mac: Option<MacAddr>,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// Up with its lower layer up too (IFF_RUNNING): a cable or a veth
+    /// peer to talk to. A cut link is up but not running.
+    pub running: bool,
     /// Its addresses with their prefixes, sorted.
     pub addrs: Vec<IpNet>,
 }
@@ -86,6 +89,7 @@ pub async fn snapshot(conn: &Connection<Route>) -> Result<Links, LinksError> {
                     .and_then(|a| <[u8; 6]>::try_from(a).ok())
                     .map(MacAddr),
                 up: l.is_up(),
+                running: l.is_up() && l.is_running(),
                 addrs: Vec::new(),
             };
             (index, link)
@@ -169,7 +173,7 @@ impl LinkWatch {
             let links = snapshot(&self.query).await?;
             self.dirty = false;
             // Notifications about what a snapshot does not hold
-            // (counters, MTU, carrier) change nothing.
+            // (counters, MTU) change nothing.
             if self.last.as_ref() != Some(&links) {
                 self.last = Some(links.clone());
                 return Ok(links);
