@@ -567,8 +567,9 @@ impl<'a> Builder<'a> {
     }
 
     /// The chains and timed sets of one Service port with ClientIP
-    /// affinity: a client that used an endpoint within the timeout goes
-    /// back to it; others pick uniformly (a cascade of `numgen` draws,
+    /// affinity: a client that opened a connection to an endpoint within
+    /// the timeout goes back to it (and renews its entry); others pick
+    /// uniformly (a cascade of `numgen` draws,
     /// 1/N, 1/(N-1), ..., needs no anonymous set).
     fn affinity(
         &mut self,
@@ -601,17 +602,16 @@ impl<'a> Builder<'a> {
             self.rs
                 .sets
                 .insert(set.clone(), Set::dynamic(vec![Field::Addr], timeout));
+            // Back to the endpoint's chain, which renews the client's
+            // entry: the timeout runs from its last new connection, not
+            // its first (kube-proxy's rule).
             rules.push(Rule(vec![
                 Stmt::InSet {
                     keys: vec![Expr::Saddr],
                     set: set.clone(),
                     negate: false,
                 },
-                Stmt::L4Proto(key.proto),
-                Stmt::Dnat {
-                    addr: ep.ip(),
-                    port: ep.port(),
-                },
+                Stmt::Goto(ep_chain.clone()),
             ]));
             self.rs.chains.insert(
                 ep_chain.clone(),
