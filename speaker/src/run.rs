@@ -139,6 +139,10 @@ pub struct Speaker {
     lease_task: Option<JoinHandle<()>>,
     lease_done: Option<(Instant, SocketAddr, BTreeSet<MacAddr>)>,
     ticks: u64,
+    /// An interface that matters is not running (see `watch_links`).
+    link_down: bool,
+    /// The IPs the last plan elected this node for (answered or not).
+    elected: BTreeSet<IpAddr>,
 }
 
 /// The wiring `main` hands over.
@@ -195,6 +199,8 @@ impl Speaker {
             lease_task: None,
             lease_done: None,
             ticks: 0,
+            link_down: false,
+            elected: BTreeSet::new(),
         }
     }
 
@@ -205,6 +211,25 @@ impl Speaker {
     /// Runs until `shutdown`, then restarts or leaves (module doc of
     /// `main.rs`) and returns.
     pub async fn run(mut self, changes: Arc<Notify>, shutdown: CancellationToken) {
+        // Nothing is decided from half-filled caches (a missing Secret, no
+        // Leases yet): wait until every watch has listed once.
+        let c = &self.caches;
+        let ready = async {
+            let _ = tokio::join!(
+                c.services.wait_until_ready(),
+                c.pools.wait_until_ready(),
+                c.ads.wait_until_ready(),
+                c.nodes.wait_until_ready(),
+                c.slices.wait_until_ready(),
+                c.leases.wait_until_ready(),
+                c.secrets.wait_until_ready(),
+            );
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ready => {}
+        }
+        self.listening_since = Instant::now();
         let tick = (self.settings.liveness.interval / 4).max(Duration::from_millis(10));
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -250,8 +275,19 @@ impl Speaker {
         self.follow_own_node(now);
 
         let known = self.roster.known(now);
-        let mut alive = self.liveness.alive(now, &known);
-        self.count_liveness(now, &known, &mut alive);
+        if self.lock.is_some() {
+            self.watch_links(now);
+        }
+        let alive = if self.link_down {
+            // Cut off: silence from everyone is no news about them. Judging
+            // would declare every peer dead and count each as a false
+            // failover once the link is back.
+            BTreeSet::from([self.settings.node.clone()])
+        } else {
+            let mut alive = self.liveness.alive(now, &known);
+            self.count_liveness(now, &known, &mut alive);
+            alive
+        };
         if self.lock.is_none() {
             // Passive: a process of this node that started earlier still
             // acts for it (module doc of `peers.rs`).
@@ -260,7 +296,6 @@ impl Speaker {
             return;
         }
         self.metrics.active.set(1);
-        self.watch_links(now);
 
         let members = self.roster.members(now);
         let leaving = self.liveness.leaving();
@@ -286,6 +321,7 @@ impl Speaker {
         self.metrics
             .quorum
             .set(i64::from(members.len() < 3 || 2 * heard > members.len()));
+        self.elected = plan.announce.keys().copied().collect();
         let target = self.gate(&plan, now);
         self.apply(&plan, target, now);
         self.beat(now, &known);
@@ -559,7 +595,7 @@ impl Speaker {
     /// heard, deaths and false failovers.
     fn count_liveness(
         &mut self,
-        _now: Instant,
+        now: Instant,
         known: &BTreeMap<String, SocketAddr>,
         alive: &mut BTreeSet<String>,
     ) {
@@ -571,6 +607,15 @@ impl Speaker {
             .map(|(n, s)| (n.clone(), s.ready))
             .collect();
         let fallback = liveness::fallback(known, &never, &ready);
+        // Just started (or resumed): give peers a few heartbeats' time
+        // before saying they are never heard. They count as alive by
+        // their Node meanwhile, which is the safe side.
+        let settled = now.saturating_duration_since(self.listening_since)
+            >= (self.settings.liveness.dead_after * 4).max(Duration::from_secs(2));
+        if !settled {
+            alive.extend(fallback);
+            return;
+        }
         for node in fallback.difference(&self.fallback) {
             tracing::warn!(peer = %node, "no heartbeat ever heard from this speaker (port blocked, wrong key?): judging it by its Node's Ready condition");
             self.send(Report::node_event(
@@ -616,6 +661,16 @@ impl Speaker {
         if down {
             self.listening_since = now;
         }
+        if down != self.link_down {
+            if down {
+                tracing::warn!(
+                    "a link this node announces or heartbeats on is down: silent until it has been back for a dead interval"
+                );
+            } else {
+                tracing::info!("links back up: listening before claiming anything");
+            }
+        }
+        self.link_down = down;
     }
 
     /// The IPs to answer for: the plan's, minus first announcements still
@@ -859,6 +914,13 @@ impl Speaker {
     }
 
     fn send_heartbeat(&mut self, now: Instant, known: &BTreeMap<String, SocketAddr>) {
+        // Nothing gets through a dead link. Not counting the heartbeats we
+        // cannot send keeps our sequence contiguous, so peers that declared
+        // us dead meanwhile do not count a false failover: we were cut off,
+        // they were right.
+        if self.link_down {
+            return;
+        }
         let key = self.keys.borrow().first().cloned();
         let Some(key) = key else { return };
         self.seq += 1;
@@ -968,6 +1030,26 @@ impl Speaker {
                                 self.me(),
                                 &ips,
                                 &ifaces.into_iter().collect::<Vec<_>>(),
+                            ),
+                        },
+                    );
+                } else if a.ip == s.first_ip
+                    && self.elected.contains(&a.ip)
+                    && self
+                        .derived
+                        .interfaces
+                        .get(&a.ip)
+                        .is_none_or(|v| v.is_empty())
+                {
+                    wanted.insert(
+                        key,
+                        report::Wanted {
+                            status: false,
+                            reason: "NoInterface",
+                            message: format!(
+                                "{} is elected to announce {} but has no interface for it (the L2Advertisement names one this node lacks, or none is on-link)",
+                                self.me(),
+                                a.ip
                             ),
                         },
                     );

@@ -69,6 +69,14 @@ pub fn render_rbac(template: &str) -> String {
     out
 }
 
+/// The Secret holding the speakers' heartbeat key (the chart generates
+/// the same one).
+pub fn heartbeat_secret(key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferrolb-speaker-heartbeat\n  namespace: {NAMESPACE}\ntype: Opaque\nstringData:\n  key: {key}\n"
+    )
+}
+
 pub fn binary_name(kind: Kind) -> Option<&'static str> {
     match kind {
         Kind::Controller => Some("ferrolb-controller"),

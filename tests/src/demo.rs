@@ -22,6 +22,14 @@ metadata:
 spec:
   addresses:
   - 198.18.8.0/24
+---
+# Announce every pool with ARP/NDP from every node (MetalLB's meaning of an
+# empty spec).
+apiVersion: ferrolb.io/v1beta1
+kind: L2Advertisement
+metadata:
+  name: demo
+spec: {}
 ";
 
 const APP: &str = "apiVersion: apps/v1
@@ -88,7 +96,10 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
 
     step(
         2,
-        &format!("applying an IPAddressPool with {}", addresses::DEMO_POOL_V4),
+        &format!(
+            "applying an IPAddressPool with {} and an L2Advertisement",
+            addresses::DEMO_POOL_V4
+        ),
     );
     if components::crd_files().is_empty() {
         return not_yet(&format!(
@@ -162,6 +173,33 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
         "default/demo got {ip} after {:.1}s",
         start.elapsed().as_secs_f64()
     );
+    // Which node answers ARP for it: the speaker's condition says.
+    let announced = Instant::now();
+    loop {
+        let out = kubectl.run(
+            &[
+                "get",
+                "service",
+                "demo",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"ferrolb.io/Announced\")].message}",
+            ],
+            None,
+        )?;
+        if !out.trim().is_empty() {
+            eprintln!("{}", out.trim());
+            break;
+        }
+        if announced.elapsed() > Duration::from_secs(15) {
+            eprintln!(
+                "no speaker reports announcing {ip} yet (see `ferrolb-lab logs speaker@node-1`)"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     step(
         5,
@@ -210,7 +248,9 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
     step(6, "what to try next");
     println!(
         "  ferrolb-lab exec client -- curl -s http://{ip}/\n  \
-         ferrolb-lab kill speaker@node-1    # then watch the IP move\n  \
+         kubectl get svc demo -o jsonpath='{{.status.conditions}}'   # who announces it\n  \
+         ferrolb-lab kill speaker@<that node>   # then watch the IP move\n  \
+         ferrolb-lab restart speaker        # a rolling update: nothing moves\n  \
          ferrolb-lab link node-2 down       # and `link node-2 up`\n  \
          ferrolb-lab restart-apiserver\n  \
          kubectl annotate pod <name> lab.ferrolb.io/ready=false   # take one backend out\n  \

@@ -234,6 +234,34 @@ impl Lab {
             .context("running ip netns exec")
     }
 
+    /// Starts `cmd` in `client`, `node-N` or `pod/NS/NAME` in the
+    /// background, stdout piped (stderr passed through, for progress).
+    pub fn spawn_in(&self, target: &str, cmd: &[&str]) -> Result<std::process::Child> {
+        let t: Target = target.parse()?;
+        let netns = t
+            .netns(&self.prefix, &self.state)
+            .with_context(|| format!("{target} does not run in lab {}", self.prefix))?;
+        Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("running ip netns exec")
+    }
+
+    /// The network namespace of node `n`.
+    pub fn node_netns(&self, n: u8) -> String {
+        self.prefix.node_netns(n)
+    }
+
+    /// The `ferrolb-lab` binary this lab runs (its hidden `l2` probes run
+    /// in the client namespace).
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+
     /// A kube client with admin rights.
     pub async fn client(&self) -> Result<kube::Client> {
         crate::supervisor::kube_client(&self.kubeconfig_path()).await

@@ -16,6 +16,7 @@ pub mod echo;
 pub mod kubeconfig;
 pub mod kubectl;
 pub mod kubelet;
+pub mod l2probe;
 pub mod lab;
 pub mod names;
 pub mod netns;

@@ -397,6 +397,12 @@ impl Supervisor {
         self.kubectl(move |k| k.apply(&manifest))
             .await
             .context("applying the chart's RBAC")?;
+        // What the chart's Secret template generates: the speakers'
+        // heartbeat key.
+        let secret = components::heartbeat_secret(&random_hex(32)?);
+        self.kubectl(move |k| k.apply(&secret))
+            .await
+            .context("creating the speakers' heartbeat Secret")?;
 
         let mut wanted = vec![Component::new(Kind::Controller, None)];
         for n in 1..=self.info.options.nodes {
@@ -519,6 +525,57 @@ impl Supervisor {
         if let Some(pid) = self.state.read_pid(&name).filter(|p| process::alive(*p)) {
             bail!("{name} is already running (pid {pid})");
         }
+        self.spawn_component(c).await
+    }
+
+    /// A rolling update with `maxSurge: 1, maxUnavailable: 0`, as a
+    /// DaemonSet does it: the new process starts and becomes ready while
+    /// the old one still runs, then the old one gets SIGTERM and is waited
+    /// for. A component that is not running is just started.
+    async fn surge_restart(&self, c: &Component) -> Result<String> {
+        let name = c.to_string();
+        let old = self.state.read_pid(&name).filter(|p| process::alive(*p));
+        let t = Instant::now();
+        let new = self.spawn_component(c).await?;
+        let ready_after = self.wait_ready(c, Duration::from_secs(60)).await;
+        let Some(old) = old else {
+            return Ok(format!("{name} was not running; started (pid {new})"));
+        };
+        let ready = match ready_after {
+            Some(d) => format!("ready after {:.2}s", d.as_secs_f64()),
+            None => "NOT ready after 60s".to_string(),
+        };
+        let term = Instant::now();
+        process::signal(old, "TERM");
+        let deadline = term + Duration::from_secs(60);
+        while process::alive(old) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if process::alive(old) {
+            bail!("{name}: the old process (pid {old}) still runs 60 s after SIGTERM");
+        }
+        Ok(format!(
+            "{name}: new pid {new} {ready}; old pid {old} exited {:.2}s after SIGTERM ({:.2}s in all)",
+            term.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// Polls the component's `/readyz` until it answers 200.
+    async fn wait_ready(&self, c: &Component, bound: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < bound {
+            let c2 = c.clone();
+            if process::blocking(move || components::readyz(&c2)).await == Some(200) {
+                return Some(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    async fn spawn_component(&self, c: &Component) -> Result<u32> {
+        let name = c.to_string();
         if c.kind.per_node() && c.node.is_none_or(|n| n > self.info.options.nodes) {
             bail!(
                 "{name}: name a node of this lab (node-1 .. node-{})",
@@ -578,7 +635,7 @@ impl Supervisor {
         }
     }
 
-    /// One control request: `start C`, `restart-apiserver`, `link node-N up|down`, `shutdown`.
+    /// One control request: `start C`, `restart C` (surge), `restart-apiserver`, `link node-N up|down`, `shutdown`.
     async fn handle(&self, req: &str) -> Result<String> {
         let words: Vec<&str> = req.split_whitespace().collect();
         match words.as_slice() {
@@ -590,6 +647,14 @@ impl Supervisor {
                     started.push(format!("{one} (pid {pid})"));
                 }
                 Ok(format!("started {}", started.join(", ")))
+            }
+            ["restart", c] => {
+                let c: Component = c.parse()?;
+                let mut report = Vec::new();
+                for one in c.expand(self.info.options.nodes) {
+                    report.push(self.surge_restart(&one).await?);
+                }
+                Ok(report.join("\n"))
             }
             ["restart-apiserver"] => {
                 let t = Instant::now();
@@ -663,4 +728,14 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `n` random bytes as hex, from the kernel.
+fn random_hex(n: usize) -> Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

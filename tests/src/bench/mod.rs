@@ -4,6 +4,7 @@
 
 pub mod layout;
 pub mod proxy;
+pub mod speaker;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

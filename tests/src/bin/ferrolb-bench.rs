@@ -4,6 +4,8 @@
 //! - `allocator`: the pure allocator (10k allocations; memory with a /8).
 //! - `controller [--services N]`: end to end in the lab — N LoadBalancer
 //!   Services created at once, time until all have an IP, controller RSS.
+//! - `proxy`, `proxy-layout`: the proxy against kube-proxy.
+//! - `speaker [--trials N]`: the speaker against MetalLB.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -53,6 +55,12 @@ enum What {
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
     },
+    /// FerroLB's speaker against MetalLB (L2), in one lab run: node loss,
+    /// link restore, speaker SIGKILL, rolling restart, drain.
+    Speaker {
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+    },
     /// (internal) connect until the first success; print its time.
     #[command(hide = true)]
     ProbeConnect {
@@ -86,6 +94,7 @@ fn main() -> Result<()> {
             services,
             endpoints,
         } => ferrolb_lab::bench::proxy::run(&services, endpoints),
+        What::Speaker { trials } => ferrolb_lab::bench::speaker::run(trials),
         What::ProbeConnect { addr, timeout_ms } => {
             ferrolb_lab::bench::proxy::probe_connect(addr, Duration::from_millis(timeout_ms))
         }

@@ -69,6 +69,10 @@ enum Cmd {
     Stop { component: Component },
     /// Start a component again.
     Start { component: Component },
+    /// Roll a component as a DaemonSet with maxSurge 1 does: start the new
+    /// process, wait until it is ready, then SIGTERM the old one (each node
+    /// in turn for `speaker` or `proxy`).
+    Restart { component: Component },
     /// Stop kube-apiserver and start it again; prints how long it took.
     RestartApiserver,
     /// Cut or restore a node's LAN link.
@@ -88,9 +92,111 @@ enum Cmd {
     /// (internal) the echo server, for when ferrolb-echo is not built.
     #[command(hide = true)]
     Echo(ferrolb_lab::echo::EchoArgs),
+    /// (internal) client-side probes of the speaker tests and benchmark.
+    #[command(hide = true, subcommand)]
+    L2(L2),
     /// (internal) the background process behind `up`.
     #[command(hide = true)]
     Supervise,
+}
+
+/// The probes of `ferrolb_lab::l2probe`; each prints JSON.
+#[derive(Subcommand, Debug)]
+enum L2 {
+    /// Ask who has IP on the LAN every interval; list who answered.
+    Watch {
+        ip: std::net::IpAddr,
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+        /// End early once this long has passed and ...
+        #[arg(long, requires = "calm_ms")]
+        min_ms: Option<u64>,
+        /// ... the answers have come from one MAC for this long.
+        #[arg(long, requires = "min_ms")]
+        calm_ms: Option<u64>,
+    },
+    /// Ms until this namespace's neighbour entry for IP leaves MAC.
+    NeighChange {
+        ip: std::net::IpAddr,
+        from: String,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// A UDP datagram to ADDR every interval; which pod answered each.
+    Udp {
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 250)]
+        wait_ms: u64,
+    },
+    /// RATE TCP requests per second to ADDR, each a new connection.
+    Steady {
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+}
+
+async fn l2(what: L2) -> Result<()> {
+    use ferrolb_lab::l2probe;
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    let json = match what {
+        L2::Watch {
+            ip,
+            interface,
+            interval_ms,
+            duration_ms,
+            min_ms,
+            calm_ms,
+        } => {
+            let settle = min_ms.zip(calm_ms).map(|(m, c)| (ms(m), ms(c)));
+            serde_json::to_string(
+                &l2probe::neighbour_watch_until(
+                    &interface,
+                    ip,
+                    ms(interval_ms),
+                    ms(duration_ms),
+                    settle,
+                )
+                .await?,
+            )?
+        }
+        L2::NeighChange {
+            ip,
+            from,
+            timeout_ms,
+        } => serde_json::to_string(&l2probe::neighbour_change(ip, &from, ms(timeout_ms))?)?,
+        L2::Udp {
+            to,
+            every_ms,
+            duration_ms,
+            wait_ms,
+        } => serde_json::to_string(
+            &l2probe::udp_probe(to, ms(every_ms), ms(duration_ms), ms(wait_ms)).await?,
+        )?,
+        L2::Steady {
+            to,
+            rate,
+            duration_ms,
+            timeout_ms,
+        } => serde_json::to_string(
+            &l2probe::steady(to, rate, ms(duration_ms), ms(timeout_ms)).await?,
+        )?,
+    };
+    println!("{json}");
+    Ok(())
 }
 
 fn init_tracing() {
@@ -136,6 +242,13 @@ async fn main() -> Result<()> {
                 commands::request(&StateDir::new(&prefix), &format!("start {component}"))?
             );
         }
+        Cmd::Restart { component } => {
+            commands::controllable(&component)?;
+            println!(
+                "{}",
+                commands::request(&StateDir::new(&prefix), &format!("restart {component}"))?
+            );
+        }
         Cmd::RestartApiserver => println!(
             "{}",
             commands::request(&StateDir::new(&prefix), "restart-apiserver")?
@@ -150,6 +263,7 @@ async fn main() -> Result<()> {
         Cmd::Logs { component, follow } => commands::logs(&prefix, &component, follow)?,
         Cmd::Demo(a) => ferrolb_lab::demo::run(&prefix, &a.options()).await?,
         Cmd::Echo(a) => ferrolb_lab::echo::run(a.name, a.tcp, a.udp).await?,
+        Cmd::L2(what) => l2(what).await?,
         Cmd::Supervise => {
             init_tracing();
             ferrolb_lab::supervisor::run(prefix).await?;
