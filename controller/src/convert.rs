@@ -20,13 +20,6 @@ use crate::allocator::{
 
 pub use ferrolb_crds::class::ClassFilter;
 
-pub fn service_key(svc: &Service) -> ServiceKey {
-    ServiceKey::new(
-        svc.metadata.namespace.clone().unwrap_or_default(),
-        svc.metadata.name.clone().unwrap_or_default(),
-    )
-}
-
 /// One Service as a reconcile pass sees it, converted once at the edge: who
 /// it is, what it asks for, and what its status and annotation hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +49,7 @@ impl ServiceView {
         let status_ips = status_ips(svc);
         let (request, problem) = service_request(svc, namespace_labels, &status_ips);
         Self {
-            key: service_key(svc),
+            key: ServiceKey::of(svc),
             uid: svc.metadata.uid.clone(),
             created: svc.metadata.creation_timestamp.clone(),
             ours: filter.is_ours(svc),
@@ -170,7 +163,7 @@ pub fn service_request(
     };
 
     let request = ServiceRequest {
-        key: service_key(svc),
+        key: ServiceKey::of(svc),
         labels: svc.metadata.labels.clone().unwrap_or_default(),
         namespace_labels: namespace_labels.clone(),
         families,

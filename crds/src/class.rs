@@ -1,6 +1,37 @@
-//! Which LoadBalancer Services belong to this FerroLB installation.
+//! Which LoadBalancer Services belong to this FerroLB installation, and
+//! how every component names a Service.
 
 use k8s_openapi::api::core::v1::Service;
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of `svc` (empty strings where its metadata lacks them).
+    pub fn of(svc: &Service) -> Self {
+        Self::new(
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
 
 /// Which Services FerroLB serves: the controller assigns their IPs and the
 /// speakers announce them (API.md: no class, or ours).

@@ -146,6 +146,9 @@ pub struct Liveness {
     /// target → reporter → when the reporter last heard the target, on our
     /// clock.
     indirect: BTreeMap<String, BTreeMap<String, Instant>>,
+    /// Peers someone reported heard within dead-after of the report: word
+    /// that they were alive while we listened (a stale report is not).
+    vouched: BTreeSet<String>,
     /// The last evaluation's answer.
     alive: BTreeSet<String>,
     last_eval: Option<Instant>,
@@ -162,6 +165,7 @@ impl Liveness {
             timings,
             peers: BTreeMap::new(),
             indirect: BTreeMap::new(),
+            vouched: BTreeSet::new(),
             alive: BTreeSet::new(),
             last_eval: None,
             deferred: false,
@@ -222,9 +226,13 @@ impl Liveness {
                 continue;
             }
             // A time before our clock's origin is older than any window.
-            let Some(at) = now.checked_sub(Duration::from_millis(u64::from(*ms))) else {
+            let age = Duration::from_millis(u64::from(*ms));
+            let Some(at) = now.checked_sub(age) else {
                 continue;
             };
+            if age < self.timings.dead_after {
+                self.vouched.insert(node.clone());
+            }
             let seen = self
                 .indirect
                 .entry(node.clone())
@@ -342,6 +350,9 @@ impl Liveness {
             reports.retain(|_, at| !old(*at));
             !reports.is_empty() || known.contains_key(target)
         });
+        let indirect = &self.indirect;
+        self.vouched
+            .retain(|n| known.contains_key(n) || indirect.contains_key(n));
     }
 
     /// What our next heartbeat says we heard: every peer heard directly
@@ -369,14 +380,16 @@ impl Liveness {
         out
     }
 
-    /// Known peers we have no word of at all, neither from them nor from
-    /// anyone else (their heartbeat port is blocked, say). The shell falls
-    /// back to their Node's Ready condition ([`fallback`]) and reports it.
+    /// Known peers we have no word of life at all, neither from them nor
+    /// from anyone else (their heartbeat port is blocked, say); a report
+    /// already older than dead-after when it came does not count. The
+    /// shell falls back to their Node's Ready condition ([`fallback`]) and
+    /// reports it.
     pub fn never_heard(&self, known: &BTreeMap<String, SocketAddr>) -> BTreeSet<String> {
         known
             .keys()
             .filter(|n| **n != self.me)
-            .filter(|n| !self.peers.contains_key(*n) && !self.indirect.contains_key(*n))
+            .filter(|n| !self.peers.contains_key(*n) && !self.vouched.contains(*n))
             .cloned()
             .collect()
     }

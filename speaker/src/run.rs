@@ -760,7 +760,24 @@ impl Speaker {
         let previous: BTreeSet<IpAddr> = self.answering.keys().copied().collect();
         let probing: BTreeSet<IpAddr> = self.probes.keys().copied().collect();
         let watch: BTreeSet<IpAddr> = self.derived.ballots.keys().copied().collect();
-        let mut want: BTreeMap<u32, (Interface, Wanted)> = BTreeMap::new();
+        // Every interface this node may answer an IP on keeps a task, even
+        // one answering nothing: the LAN watch must go on hearing a silent
+        // owner's claims while we defer to it, or we would forget them after
+        // claim_memory, answer again and be silenced by its next periodic
+        // announcement, two MACs for a while every few seconds.
+        let mut want: BTreeMap<u32, (Interface, Wanted)> = self
+            .derived
+            .interfaces
+            .values()
+            .flatten()
+            .map(|i| {
+                let wanted = Wanted {
+                    ips: BTreeSet::new(),
+                    watch: watch.clone(),
+                };
+                (i.index, (i.clone(), wanted))
+            })
+            .collect();
         let mut answering = BTreeMap::new();
         for ip in target.iter().chain(&probing) {
             for i in self.derived.interfaces.get(ip).into_iter().flatten() {

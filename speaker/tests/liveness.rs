@@ -319,6 +319,27 @@ fn never_heard_peers_fall_back_to_node_readiness() {
 }
 
 #[test]
+fn a_stale_report_is_no_word_of_life() {
+    // A speaker started after "b" fell silent to everyone (its heartbeat
+    // port blocked) still hears "a" report "b" for a while: heard 1.2 s
+    // ago. That says nothing of "b" being alive while we listened, so "b"
+    // is still judged by its Node, like any peer we never heard; were it
+    // declared dead instead, we would fight "b" for its IPs while speakers
+    // that never heard of it defer to it.
+    let (mut v, t0) = view();
+    let k = known(&["me", "a", "b"]);
+    v.heard(&msg("a", 1, 0, State::Running, &[("b", 1200)]), addr(1), t0);
+    assert_eq!(v.never_heard(&k), set(&["b"]));
+    // A fresh report is word of life.
+    v.heard(
+        &msg("a", 1, 1, State::Running, &[("b", 20)]),
+        addr(1),
+        t0 + 100 * MS,
+    );
+    assert!(v.never_heard(&k).is_empty());
+}
+
+#[test]
 fn last_heard_takes_the_latest_of_direct_and_reported() {
     let (mut v, t0) = view();
     v.heard(&running("a", 0), addr(1), t0);

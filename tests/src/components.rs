@@ -73,7 +73,7 @@ pub fn render_rbac(template: &str) -> String {
 /// the same one).
 pub fn heartbeat_secret(key: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferrolb-speaker-heartbeat\n  namespace: {NAMESPACE}\ntype: Opaque\nstringData:\n  key: {key}\n"
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferrolb-speaker-heartbeat\n  namespace: {NAMESPACE}\ntype: Opaque\nstringData:\n  key: \"{key}\"\n"
     )
 }
 

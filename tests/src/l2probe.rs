@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use ferrolb_netraw::{ETHERTYPE_ARP, ETHERTYPE_IPV6, PacketSocket, filters, solicited_node};
 use ferrolb_speaker::packet::ether::EthernetHeader;
-use ferrolb_speaker::packet::{ArpFrame, ArpOp, MacAddr, NdpFrame, NdpMessage, Solicitation};
+use ferrolb_speaker::packet::{Arp, ArpFrame, ArpOp, MacAddr, NdpFrame, NdpMessage, Solicitation};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the epoch (shared clock of the root and client
@@ -66,6 +66,20 @@ fn link_local(interface: &str) -> Result<Ipv6Addr> {
     bail!("{interface} has no IPv6 link-local address")
 }
 
+/// The interface's first IPv4 address (`ip -j addr`).
+fn own_ipv4(interface: &str) -> Result<std::net::Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-4", "addr", "show", "dev", interface])
+        .output()
+        .context("running ip addr")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v.get(0)
+        .and_then(|l| l["addr_info"].get(0))
+        .and_then(|a| a["local"].as_str())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("{interface} has no IPv4 address"))
+}
+
 /// Asks who has `ip` every `interval` for `duration` on `interface`; each
 /// question's answers are those that arrive before the next question.
 pub async fn neighbour_watch(
@@ -93,9 +107,26 @@ pub async fn neighbour_watch_until(
         .parse()
         .map_err(|_| anyhow::anyhow!("{interface} has no Ethernet address"))?;
     let (sock, question) = match ip {
+        // An ordinary request from the client's own address, as any host
+        // asks. (An RFC 5227 probe, from 0.0.0.0, would look to a speaker
+        // probing the same IP like another host claiming it.)
         IpAddr::V4(v4) => (
             PacketSocket::open(index, ETHERTYPE_ARP, &filters::arp())?,
-            ArpFrame::probe(v4, mac).to_bytes(),
+            ArpFrame {
+                ethernet: EthernetHeader {
+                    destination: MacAddr::BROADCAST,
+                    source: mac,
+                    ethertype: ETHERTYPE_ARP,
+                },
+                arp: Arp {
+                    op: ArpOp::Request,
+                    sender_mac: mac,
+                    sender_ip: own_ipv4(interface)?,
+                    target_mac: MacAddr::ZERO,
+                    target_ip: v4,
+                },
+            }
+            .to_bytes(),
         ),
         IpAddr::V6(v6) => {
             let source = link_local(interface)?;
@@ -153,12 +184,11 @@ pub async fn neighbour_watch_until(
     Ok(out)
 }
 
-/// How long after `since` (ms since the epoch) the kernel's neighbour
-/// entry for `ip` first names a MAC other than `from`, polling `ip neigh`
-/// every 20 ms; `None` if it did not within `timeout`.
+/// When (ms since the epoch) the kernel's neighbour entry for `ip` first
+/// names a MAC other than `from`, polling `ip neigh` every 20 ms; `None`
+/// if it did not within `timeout`.
 pub fn neighbour_change(ip: IpAddr, from: &str, timeout: Duration) -> Result<Option<f64>> {
     let started = Instant::now();
-    let since = now_ms();
     while started.elapsed() < timeout {
         let out = std::process::Command::new("ip")
             .args(["neigh", "show", &ip.to_string()])
@@ -172,7 +202,7 @@ pub fn neighbour_change(ip: IpAddr, from: &str, timeout: Duration) -> Result<Opt
         if let Some(mac) = mac
             && !mac.eq_ignore_ascii_case(from)
         {
-            return Ok(Some(now_ms() - since));
+            return Ok(Some(now_ms()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -205,6 +235,10 @@ pub struct Probed {
     pub at: f64,
     /// The pod that answered, if one did in time.
     pub pod: Option<String>,
+    /// When its answer came, ms since the epoch. A datagram sent while the
+    /// client's neighbour entry is unresolved waits in the kernel's queue
+    /// and may still be answered, late: outages count from answers.
+    pub answered_at: Option<f64>,
 }
 
 /// A datagram to `to` every `every` for `duration`, each from a fresh
@@ -247,7 +281,12 @@ pub async fn udp_probe(
                 )
             };
             let pod = tokio::time::timeout(wait, attempt).await.ok().flatten();
-            Probed { at, pod }
+            let answered_at = pod.is_some().then(now_ms);
+            Probed {
+                at,
+                pod,
+                answered_at,
+            }
         });
     }
     let mut out = Vec::with_capacity(seq);
@@ -390,8 +429,8 @@ pub fn watch_until_calm(
     )
 }
 
-/// `l2 neigh-change`: ms until the client's neighbour entry for `ip`
-/// leaves `from`.
+/// `l2 neigh-change`: when (ms since the epoch) the client's neighbour
+/// entry for `ip` leaves `from`; the caller subtracts its event's time.
 pub fn neigh_change(
     lab: &crate::lab::Lab,
     ip: IpAddr,
@@ -509,15 +548,22 @@ pub fn summarize(watch: &[Asked]) -> WatchSummary {
 /// The longest gap between answered UDP probes after `from` (ms since the
 /// epoch), in ms: the client-visible outage of an event at `from`.
 pub fn outage_after(probes: &[Probed], from: f64) -> f64 {
-    let mut last_ok: Option<f64> = None;
+    let mut answers: Vec<f64> = probes.iter().filter_map(|p| p.answered_at).collect();
+    answers.sort_by(f64::total_cmp);
+    let mut last: Option<f64> = None;
     let mut longest: f64 = 0.0;
-    for p in probes.iter().filter(|p| p.pod.is_some()) {
-        if let Some(prev) = last_ok
-            && p.at > from
+    for &a in &answers {
+        if let Some(prev) = last
+            && a > from
         {
-            longest = longest.max(p.at - prev.max(from));
+            longest = longest.max(a - prev.max(from));
         }
-        last_ok = Some(p.at);
+        last = Some(a);
+    }
+    // Never answered again: the outage lasted at least to the last probe.
+    if !answers.iter().any(|&a| a > from) {
+        let end = probes.iter().map(|p| p.at).fold(from, f64::max);
+        longest = longest.max(end - from);
     }
     longest
 }
@@ -554,18 +600,30 @@ mod tests {
 
     #[test]
     fn outage_counts_from_the_event() {
-        let p = |at: f64, ok: bool| Probed {
+        let p = |at: f64, rtt: Option<f64>| Probed {
             at,
-            pod: ok.then(|| "web".to_string()),
+            pod: rtt.map(|_| "web".to_string()),
+            answered_at: rtt.map(|r| at + r),
         };
         let probes = [
-            p(0.0, true),
-            p(10.0, true),
-            p(20.0, false),
-            p(300.0, false),
-            p(310.0, true),
+            p(0.0, Some(1.0)),
+            p(10.0, Some(1.0)),
+            p(20.0, None),
+            p(300.0, None),
+            p(310.0, Some(1.0)),
         ];
-        assert_eq!(outage_after(&probes, 15.0), 295.0);
+        assert_eq!(outage_after(&probes, 15.0), 296.0);
         assert_eq!(outage_after(&probes, 400.0), 0.0);
+        // Sent during the outage, held in the neighbour queue, answered
+        // late: the gap between answers is the outage, not between sends.
+        let queued = [
+            p(0.0, Some(1.0)),
+            p(10.0, Some(390.0)),
+            p(20.0, Some(380.0)),
+        ];
+        assert_eq!(outage_after(&queued, 5.0), 395.0);
+        // Never answered after the event: at least until the last probe.
+        let lost = [p(0.0, Some(1.0)), p(10.0, None), p(500.0, None)];
+        assert_eq!(outage_after(&lost, 5.0), 495.0);
     }
 }

@@ -127,7 +127,7 @@ impl Lab {
                 std::thread::sleep(Duration::from_secs(5));
                 continue;
             }
-            let out = lab.cli_with(&up_args(opts), Stdio::inherit())?;
+            let (out, tail) = lab.cli_streaming(&up_args(opts))?;
             // Lost a race with another lab starting at the same moment: wait for it.
             if !out.status.success()
                 && crate::commands::running_labs()
@@ -136,10 +136,15 @@ impl Lab {
             {
                 continue;
             }
-            break out;
+            break (out, tail);
         };
+        let (out, tail) = out;
         if !out.status.success() {
-            bail!("ferrolb-lab up failed ({})", out.status);
+            // CI shows only the end of a long log: the reason goes with the error.
+            bail!(
+                "ferrolb-lab up failed ({}); the end of what it printed:\n{tail}",
+                out.status
+            );
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last = stdout.lines().last().unwrap_or_default();
@@ -182,6 +187,49 @@ impl Lab {
             .stderr(stderr)
             .output()
             .with_context(|| format!("running {}", self.exe.display()))
+    }
+
+    /// Runs a `ferrolb-lab` subcommand whose stderr is progress: each line
+    /// is passed on to ours as it comes, and the last lines are returned too.
+    fn cli_streaming(&self, args: &[String]) -> Result<(Output, String)> {
+        use std::io::{BufRead, BufReader, Read};
+        const KEEP: usize = 20;
+        let mut child = Command::new(&self.exe)
+            .arg("--prefix")
+            .arg(self.prefix.as_str())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.exe.display()))?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        let relay = std::thread::spawn(move || {
+            let mut last = std::collections::VecDeque::with_capacity(KEEP);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if last.len() == KEEP {
+                    last.pop_front();
+                }
+                last.push_back(line);
+            }
+            Vec::from(last).join("\n")
+        });
+        let mut stdout = Vec::new();
+        if let Some(mut out) = child.stdout.take() {
+            out.read_to_end(&mut stdout)
+                .context("reading ferrolb-lab's stdout")?;
+        }
+        let status = child.wait().context("waiting for ferrolb-lab")?;
+        let tail = relay.join().unwrap_or_default();
+        Ok((
+            Output {
+                status,
+                stdout,
+                stderr: Vec::new(),
+            },
+            tail,
+        ))
     }
 
     /// Runs a `ferrolb-lab` subcommand against this lab, e.g. `["kill", "speaker@node-1"]`.

@@ -91,7 +91,7 @@ fn checks(lab: &Lab) -> Result<()> {
     // Established, so explain is retried until it answers.
     for (path, needle) in [
         ("ippool.spec.addresses", "Addresses this pool hands out"),
-        ("l2adv.spec.interfaces", "eligible interface"),
+        ("l2adv.spec.interfaces", "never every interface"),
     ] {
         let mut last = String::new();
         common::wait_until(

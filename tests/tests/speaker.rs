@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use common::{LabTest, cli_ok, wait_until};
 use ferrolb_lab::addresses::IpFamily;
 use ferrolb_lab::l2probe::{self, summarize};
@@ -30,7 +30,7 @@ const NODES: u8 = 3;
 const ANNOUNCE_INTERVAL_MS: f64 = 3000.0;
 const SOON: Duration = Duration::from_secs(30);
 
-fn main() -> std::process::ExitCode {
+pub fn main() -> std::process::ExitCode {
     let kube_proxy = env!("CARGO_CRATE_NAME") == "speaker_kube_proxy"
         || std::env::var("FERROLB_SPEAKER_PROXY").as_deref() == Ok("kube-proxy");
     let (prefix, proxy) = if kube_proxy {
@@ -81,6 +81,10 @@ fn main() -> std::process::ExitCode {
         (
             "link_cut_fails_over_and_restore_never_doubles",
             link_cut_fails_over_and_restore_never_doubles,
+        ),
+        (
+            "blocked_heartbeats_fall_back_to_node_readiness",
+            blocked_heartbeats_fall_back_to_node_readiness,
         ),
         ("no_false_failovers", no_false_failovers),
     ];
@@ -690,32 +694,91 @@ fn link_cut_fails_over_and_restore_never_doubles(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+fn speaker_metric(lab: &Lab, n: u8, name: &str) -> Result<f64> {
+    let out = lab.exec(
+        &format!("node-{n}"),
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:7474/metrics",
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("node-{n}'s speaker has no {name}"))
+}
+
+/// A speaker whose heartbeats never arrive (its port blocked from the
+/// start, as a firewall would) is judged by its Node's readiness: its IPs
+/// stay announced, by one node, and the others say so.
+fn blocked_heartbeats_fall_back_to_node_readiness(lab: &Lab) -> Result<()> {
+    let blocked = "node-3";
+    let rules = "table inet flbt-block {\n chain in { type filter hook input priority -300; udp dport 7476 drop; }\n chain out { type filter hook output priority -300; udp dport 7476 drop; }\n}\n";
+    let rules_file = std::env::temp_dir().join("flbt-block.nft");
+    std::fs::write(&rules_file, rules)?;
+    let block = lab.exec(blocked, &["nft", "-f", &rules_file.display().to_string()])?;
+    ensure!(
+        block.status.success(),
+        "blocking heartbeats on {blocked}: {}",
+        String::from_utf8_lossy(&block.stderr)
+    );
+    let result = (|| {
+        // Fresh processes everywhere: none of them has ever heard node-3.
+        // The old processes report node-3 for a few seconds more, but only
+        // as heard before the block; after a second such reports are stale
+        // and no word of life to the new processes.
+        std::thread::sleep(Duration::from_millis(1200));
+        cli_ok(lab, &["restart", "speaker"])?;
+        lab.apply(&service("fallback", &[], "", "{app: web}"))?;
+        let ip = wait_ips(lab, "fallback", 1)?[0];
+        wait_announcer(lab, "fallback", |_| true)?;
+        wait_until("node-1 to report node-3 never heard", SOON, || {
+            Ok(speaker_metric(lab, 1, "ferrolb_speaker_peers_fallback").unwrap_or(0.0) >= 1.0)
+        })?;
+        let said = lab.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &format!("involvedObject.name={blocked},reason=HeartbeatsNotHeard"),
+            "-o",
+            "name",
+        ])?;
+        ensure!(
+            !said.trim().is_empty(),
+            "no HeartbeatsNotHeard event on {blocked}"
+        );
+        // Longer than the claim memory (2 periodic intervals): a speaker
+        // that forgot the owner's claims would answer again within it.
+        let s = watch(lab, ip, Duration::from_secs(8))?;
+        ensure!(
+            s.macs.len() == 1 && s.longest_silence_ms == 0.0,
+            "with {blocked}'s heartbeats blocked, {ip} was answered by {:?} (silent for {:.0} ms)",
+            s.macs,
+            s.longest_silence_ms
+        );
+        Ok(())
+    })();
+    let _ = lab.exec(blocked, &["nft", "delete", "table", "inet", "flbt-block"]);
+    delete_svc(lab, "fallback");
+    result
+}
+
 /// Speakers' counters of peers declared dead that had kept sending
 /// heartbeats: none over the whole run, busy machine or not.
 fn no_false_failovers(lab: &Lab) -> Result<()> {
     let mut seen = BTreeMap::new();
     for n in 1..=NODES {
-        let node = format!("node-{n}");
-        let out = lab.exec(
-            &node,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:7474/metrics",
-            ],
-        )?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let value = text
-            .lines()
-            .find(|l| l.starts_with("ferrolb_speaker_false_failovers_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok());
-        let Some(value) = value else {
-            bail!("{node}'s speaker has no ferrolb_speaker_false_failovers_total: {text:.300}");
-        };
-        seen.insert(node, value);
+        seen.insert(
+            format!("node-{n}"),
+            speaker_metric(lab, n, "ferrolb_speaker_false_failovers_total")?,
+        );
     }
     ensure!(
         seen.values().all(|v| *v == 0.0),

@@ -314,10 +314,11 @@ fn measure(
             Duration::from_secs(10),
         )?;
         std::thread::sleep(Duration::from_secs(1));
+        let killed_at = l2probe::now_ms();
         kill_speaker(lab, which, peer, w)?;
         let moved = neigh.collect()?;
         let tally = steady.collect()?;
-        s.add("kill_neigh", moved.unwrap_or(30_000.0));
+        s.add("kill_neigh", moved.map_or(30_000.0, |t| t - killed_at));
         s.add("kill_failed", tally.failed as f64);
         start_speaker(lab, which, peer, w)?;
         let w = settled_owner(lab, ip, macs)?;
@@ -396,7 +397,9 @@ fn node_loss(lab: &Lab, ip: IpAddr, macs: &BTreeMap<String, u8>, s: &mut Samples
     let cut = lab.cli(&["link", &node, "down"])?;
     ensure!(cut.status.success(), "cutting {node}'s link");
     let connect = connect_after(lab, SocketAddr::new(ip, 80))?;
-    std::thread::sleep(Duration::from_secs(9));
+    // The slowest failover seen (MetalLB, about 6.5 s) and the 5 s after
+    // it, before the link comes back.
+    std::thread::sleep(Duration::from_secs(14));
     // Restore while the udp probe still runs; then watch the split heal.
     let watch = l2probe::watch_until_calm(
         lab,
@@ -618,7 +621,7 @@ impl MetalLb {
         let controller = Command::new(self.dir.join("controller"))
             .args([
                 &format!("--namespace={METALLB_NS}"),
-                "--pod-name=metallb-controller",
+                // v0.15 has no --pod-name (v0.16's controller looks its Pod up).
                 "--webhook-mode=disabled",
                 "--port=0",
                 &format!("--lb-class={METALLB_CLASS}"),
