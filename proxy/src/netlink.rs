@@ -365,6 +365,24 @@ fn immediate_verdict(v: NlVerdict) -> NlExpr {
     NlExpr::Verdict(v)
 }
 
+/// `ct <key> & bits != 0`: the conntrack word loaded into `r`, masked,
+/// compared with zero.
+fn ct_bits_set(out: &mut Vec<NlExpr>, r: Register, key: CtKey, bits: u32) {
+    out.push(NlExpr::Ct { dreg: r, key });
+    out.push(NlExpr::Bitwise {
+        sreg: r,
+        dreg: r,
+        len: 4,
+        mask: bits.to_ne_bytes().to_vec(),
+        xor: 0u32.to_ne_bytes().to_vec(),
+    });
+    out.push(NlExpr::Cmp {
+        sreg: r,
+        op: CmpOp::Neq,
+        data: 0u32.to_ne_bytes().to_vec(),
+    });
+}
+
 /// A rule as nftables expressions.
 pub fn encode_rule(family: Family, rule: &Rule) -> Result<Vec<NlExpr>, NetlinkError> {
     let mut out = Vec::new();
@@ -382,41 +400,11 @@ pub fn encode_rule(family: Family, rule: &Rule) -> Result<Vec<NlExpr>, NetlinkEr
             }
             Stmt::CtNew => {
                 const NEW: u32 = 8;
-                out.push(NlExpr::Ct {
-                    dreg: r0,
-                    key: CtKey::State,
-                });
-                out.push(NlExpr::Bitwise {
-                    sreg: r0,
-                    dreg: r0,
-                    len: 4,
-                    mask: NEW.to_ne_bytes().to_vec(),
-                    xor: 0u32.to_ne_bytes().to_vec(),
-                });
-                out.push(NlExpr::Cmp {
-                    sreg: r0,
-                    op: CmpOp::Neq,
-                    data: 0u32.to_ne_bytes().to_vec(),
-                });
+                ct_bits_set(&mut out, r0, CtKey::State, NEW);
             }
             Stmt::CtDnat => {
                 const IPS_DST_NAT: u32 = 1 << 5;
-                out.push(NlExpr::Ct {
-                    dreg: r0,
-                    key: CtKey::Status,
-                });
-                out.push(NlExpr::Bitwise {
-                    sreg: r0,
-                    dreg: r0,
-                    len: 4,
-                    mask: IPS_DST_NAT.to_ne_bytes().to_vec(),
-                    xor: 0u32.to_ne_bytes().to_vec(),
-                });
-                out.push(NlExpr::Cmp {
-                    sreg: r0,
-                    op: CmpOp::Neq,
-                    data: 0u32.to_ne_bytes().to_vec(),
-                });
+                ct_bits_set(&mut out, r0, CtKey::Status, IPS_DST_NAT);
             }
             Stmt::FibLocal { saddr } => {
                 const RTN_LOCAL: u32 = 2;

@@ -247,6 +247,13 @@ impl Lab {
         })
     }
 
+    /// One field of a namespaced object by kubectl's jsonpath, trimmed.
+    pub fn field(&self, kind: &str, ns: &str, name: &str, jsonpath: &str) -> Result<String> {
+        let path = format!("jsonpath={jsonpath}");
+        let out = self.kubectl_ok(&["get", kind, name, "-n", ns, "-o", &path])?;
+        Ok(out.trim().to_string())
+    }
+
     /// kubectl that must succeed; returns stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
         Ok(self.kubectl.run(args, None)?)
@@ -270,29 +277,28 @@ impl Lab {
 
     /// Runs `cmd` in `client`, `node-N` or `pod/NS/NAME`.
     pub fn exec(&self, target: &str, cmd: &[&str]) -> Result<Output> {
+        self.in_netns(target, cmd)?
+            .output()
+            .context("running ip netns exec")
+    }
+
+    /// `ip netns exec <target's namespace> cmd...`, stdin closed.
+    fn in_netns(&self, target: &str, cmd: &[&str]) -> Result<Command> {
         let t: Target = target.parse()?;
         let netns = t
             .netns(&self.prefix, &self.state)
             .with_context(|| format!("{target} does not run in lab {}", self.prefix))?;
-        Command::new("ip")
-            .args(["netns", "exec", &netns])
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &netns])
             .args(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ip netns exec")
+            .stdin(Stdio::null());
+        Ok(c)
     }
 
     /// Starts `cmd` in `client`, `node-N` or `pod/NS/NAME` in the
     /// background, stdout piped (stderr passed through, for progress).
     pub fn spawn_in(&self, target: &str, cmd: &[&str]) -> Result<std::process::Child> {
-        let t: Target = target.parse()?;
-        let netns = t
-            .netns(&self.prefix, &self.state)
-            .with_context(|| format!("{target} does not run in lab {}", self.prefix))?;
-        Command::new("ip")
-            .args(["netns", "exec", &netns])
-            .args(cmd)
-            .stdin(Stdio::null())
+        self.in_netns(target, cmd)?
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

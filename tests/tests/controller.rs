@@ -104,15 +104,7 @@ fn service(
     extra_spec: &str,
     ports: &[(u16, &str)],
 ) -> String {
-    let ann: String = annotations
-        .iter()
-        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
-        .collect();
-    let ann = if ann.is_empty() {
-        String::new()
-    } else {
-        format!("  annotations:\n{ann}")
-    };
+    let ann = common::annotations_yaml(annotations);
     let ports: String = ports
         .iter()
         .map(|(p, proto)| {

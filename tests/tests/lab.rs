@@ -87,18 +87,7 @@ spec:
 ";
 
 fn pod_field(lab: &Lab, name: &str, jsonpath: &str) -> Result<String> {
-    Ok(lab
-        .kubectl_ok(&[
-            "get",
-            "pod",
-            name,
-            "-n",
-            "default",
-            "-o",
-            &format!("jsonpath={jsonpath}"),
-        ])?
-        .trim()
-        .to_string())
+    lab.field("pod", "default", name, jsonpath)
 }
 
 /// Waits until every pod matching `selector` in `default` is Ready.

@@ -623,18 +623,7 @@ fn service(ns: &str, name: &str, spec: &str) -> String {
 }
 
 fn field(lab: &Lab, kind: &str, ns: &str, name: &str, jsonpath: &str) -> Result<String> {
-    Ok(lab
-        .kubectl_ok(&[
-            "get",
-            kind,
-            name,
-            "-n",
-            ns,
-            "-o",
-            &format!("jsonpath={jsonpath}"),
-        ])?
-        .trim()
-        .to_string())
+    lab.field(kind, ns, name, jsonpath)
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr> {

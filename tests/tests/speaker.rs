@@ -117,33 +117,14 @@ fn setup(lab: &Lab) -> Result<()> {
 
 /// A LoadBalancer Service on the echo pods: TCP 80 → 8080, UDP 81 → 8081.
 fn service(name: &str, annotations: &[(&str, &str)], extra_spec: &str, selector: &str) -> String {
-    let ann: String = annotations
-        .iter()
-        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
-        .collect();
-    let ann = if ann.is_empty() {
-        String::new()
-    } else {
-        format!("  annotations:\n{ann}")
-    };
+    let ann = common::annotations_yaml(annotations);
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n{ann}spec:\n  type: LoadBalancer\n  selector: {selector}\n{extra_spec}  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 81, targetPort: 8081, protocol: UDP}}\n"
     )
 }
 
 fn jsonpath(lab: &Lab, kind: &str, name: &str, path: &str) -> Result<String> {
-    Ok(lab
-        .kubectl_ok(&[
-            "get",
-            kind,
-            name,
-            "-n",
-            NS,
-            "-o",
-            &format!("jsonpath={path}"),
-        ])?
-        .trim()
-        .to_string())
+    lab.field(kind, NS, name, path)
 }
 
 fn ingress(lab: &Lab, svc: &str) -> Result<Vec<IpAddr>> {

@@ -32,11 +32,19 @@ use crate::state::{ProxyMode, UpOptions};
 
 const PREFIX: &str = "flbbench";
 const NS: &str = "bench";
-/// The probe Service, created last at each scale, has a fixed ClusterIP so
-/// a probe can start connecting before it exists.
-fn probe_ip(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 127, 200 + (n % 50) as u8)
+/// The probe Services, one per proxy and scale, each with a ClusterIP of
+/// its own fixed in advance (so a probe can start connecting before the
+/// Service exists) and never reused in a run: earlier probes stay.
+fn next_probe_ip() -> Ipv4Addr {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static NEXT: AtomicU8 = AtomicU8::new(0);
+    let k = NEXT.fetch_add(1, Ordering::Relaxed) % 50;
+    Ipv4Addr::new(198, 18, 127, 200 + k)
 }
+
+/// The bulk Service's ClusterIP, fixed like every other here: a dynamic
+/// one could take an address a background Service asks for later.
+const BULK_CLUSTER_IP: &str = "198.18.127.199";
 
 /// The ClusterIP of background Service `i` (inside 198.18.64.0/18, below
 /// the probe addresses).
@@ -104,8 +112,10 @@ fn run_in(lab: &Lab, kube_proxy: &Path, scales: &[usize], endpoints: usize) -> R
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\napiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: bench}}\nspec:\n  addresses: [198.18.8.0/24]\n"
     ))?;
     // Three real pods: echo on 8080, iperf3 started in their namespaces.
+    // iperf3 opens a control and a data connection that must reach the
+    // same server, hence ClientIP affinity on the bulk Service.
     lab.apply(&format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: real, namespace: {NS}}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: real}}}}\n  template:\n    metadata: {{labels: {{app: real}}}}\n    spec:\n      containers: [{{name: echo, image: x, ports: [{{containerPort: 8080}}]}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bulk, namespace: {NS}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: real}}\n  ports: [{{name: iperf, port: 5201, targetPort: 5201}}]\n"
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: real, namespace: {NS}}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: real}}}}\n  template:\n    metadata: {{labels: {{app: real}}}}\n    spec:\n      containers: [{{name: echo, image: x, ports: [{{containerPort: 8080}}]}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bulk, namespace: {NS}}}\nspec:\n  type: LoadBalancer\n  clusterIP: {BULK_CLUSTER_IP}\n  sessionAffinity: ClientIP\n  selector: {{app: real}}\n  ports: [{{name: iperf, port: 5201, targetPort: 5201}}]\n"
     ))?;
     lab.kubectl_ok(&[
         "rollout",
@@ -486,7 +496,9 @@ fn histogram(name: &str) -> Option<(f64, f64)> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .reduce(|a, b| a + b)
     };
-    Some((value("_sum")?, value("_count")?))
+    // A labelled histogram (ours, per IP family) has no lines before its
+    // first observation: that is a count of zero, not "no metric".
+    Some((value("_sum").unwrap_or(0.0), value("_count").unwrap_or(0.0)))
 }
 
 fn measure(
@@ -525,7 +537,7 @@ fn measure(
     f.rss_kib = rss_kib(pid);
 
     // One added Service, reachable through its real endpoints only.
-    let probe = probe_ip(n + peer as usize);
+    let probe = next_probe_ip();
     let name = format!("probe-{}-{n}", peer.name().to_lowercase());
     let metric = "kubeproxy_network_programming_duration_seconds";
     let before = histogram(metric);
@@ -645,7 +657,7 @@ fn measure_throughput(
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .map(|b| b / 1e9)
-            .context("iperf3 JSON without sum_received")
+            .with_context(|| format!("iperf3 to {target} measured nothing: {}", v["error"]))
     };
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));

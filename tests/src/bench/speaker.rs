@@ -147,6 +147,9 @@ pub fn run(trials: usize) -> Result<()> {
         let a = ours.0.get(key).cloned().unwrap_or_default();
         let b = theirs.0.get(key).cloned().unwrap_or_default();
         let ratio = match (median(&a), median(&b)) {
+            // A share, where more is better: the difference reads right,
+            // a ratio of the two would not.
+            (Some(x), Some(y)) if *unit == "%" => format!("{:+.0} points, ours", x - y),
             (Some(x), Some(y)) if x > 0.0 => format!("{:.1}×", y / x),
             (Some(x), Some(y)) if x == 0.0 && y == 0.0 => "equal".into(),
             (Some(_), Some(_)) => "ours 0".into(),

@@ -26,7 +26,21 @@ pub fn up(prefix: &str, opts: &UpOptions) -> Result<Option<Lab>> {
     if let Ok(old) = Lab::attach(exe(), prefix) {
         let _ = old.down();
     }
-    Ok(Some(Lab::up(exe(), prefix, opts)?))
+    match Lab::up(exe(), prefix, opts) {
+        Ok(lab) => Ok(Some(lab)),
+        // Bringing the lab up is not what these tests test; one more try
+        // after a failure, which is printed in full either way.
+        Err(first) => {
+            eprintln!("[test] the lab did not come up on the first try: {first:#}");
+            eprintln!("[test] taking down what is left and trying once more");
+            if let Ok(old) = Lab::attach(exe(), prefix) {
+                let _ = old.down();
+            }
+            let lab = Lab::up(exe(), prefix, opts)
+                .map_err(|e| e.context(format!("second try (the first: {first:#})")))?;
+            Ok(Some(lab))
+        }
+    }
 }
 
 /// Runs `body` against `lab` and always takes the lab down afterwards.
@@ -175,4 +189,17 @@ pub fn run_lab_tests(
         return ExitCode::FAILURE;
     }
     conclusion.exit_code()
+}
+
+/// `annotations:` for a manifest's metadata (two-space indent), or nothing
+/// when there are none.
+pub fn annotations_yaml(annotations: &[(&str, &str)]) -> String {
+    if annotations.is_empty() {
+        return String::new();
+    }
+    let entries: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    format!("  annotations:\n{entries}")
 }
