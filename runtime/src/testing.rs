@@ -9,6 +9,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The values of every series of metric `name` in a Prometheus text
+/// exposition (`name 1` or `name{labels} 1`), in order; `_sum`, `_count`
+/// and the like are other names.
+pub fn samples<'a>(body: &'a str, name: &'a str) -> impl Iterator<Item = f64> + 'a {
+    body.lines()
+        .filter(move |l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Status code and body of `GET path` on `addr`, or `None` if nothing answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
@@ -129,4 +138,18 @@ pub fn assert_lifecycle(binary: &Path, extra: &[&str]) {
     };
     assert!(status.success(), "clean exit after SIGTERM, got {status}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::samples;
+
+    #[test]
+    fn samples_match_the_name_exactly_with_or_without_labels() {
+        let body =
+            "# HELP x_total a counter\nx_total 3\nx_total_extra 9\ny{a=\"1\"} 1.5\ny{a=\"2\"} 2\n";
+        assert_eq!(samples(body, "x_total").collect::<Vec<_>>(), vec![3.0]);
+        assert_eq!(samples(body, "y").sum::<f64>(), 3.5);
+        assert_eq!(samples(body, "z").count(), 0);
+    }
 }

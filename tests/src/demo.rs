@@ -138,21 +138,17 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
     );
 
     step(4, "waiting up to 30s for the Service's LoadBalancer IP");
+    let demo_field = |path: &str| {
+        let path = format!("jsonpath={path}");
+        kubectl.run(
+            &["get", "service", "demo", "-n", "default", "-o", &path],
+            None,
+        )
+    };
     let controller_running = state.read_pid("controller").is_some_and(process::alive);
     let start = Instant::now();
     let ip = loop {
-        let out = kubectl.run(
-            &[
-                "get",
-                "service",
-                "demo",
-                "-n",
-                "default",
-                "-o",
-                "jsonpath={.status.loadBalancer.ingress[0].ip}",
-            ],
-            None,
-        )?;
+        let out = demo_field("{.status.loadBalancer.ingress[0].ip}")?;
         if !out.trim().is_empty() {
             break out.trim().to_string();
         }
@@ -176,18 +172,7 @@ pub async fn run(prefix: &Prefix, opts: &UpOptions) -> Result<()> {
     // Which node answers ARP for it: the speaker's condition says.
     let announced = Instant::now();
     loop {
-        let out = kubectl.run(
-            &[
-                "get",
-                "service",
-                "demo",
-                "-n",
-                "default",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"ferrolb.io/Announced\")].message}",
-            ],
-            None,
-        )?;
+        let out = demo_field("{.status.conditions[?(@.type==\"ferrolb.io/Announced\")].message}")?;
         if !out.trim().is_empty() {
             eprintln!("{}", out.trim());
             break;

@@ -140,15 +140,7 @@ fn namespace(lab: &Lab, ns: &str) -> Result<()> {
 }
 
 fn ips(lab: &Lab, ns: &str, name: &str) -> Result<Vec<String>> {
-    let out = lab.kubectl_ok(&[
-        "get",
-        "svc",
-        name,
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.status.loadBalancer.ingress[*].ip}",
-    ])?;
+    let out = lab.field("svc", ns, name, "{.status.loadBalancer.ingress[*].ip}")?;
     Ok(out.split_whitespace().map(str::to_string).collect())
 }
 
@@ -195,22 +187,21 @@ fn wait_event(lab: &Lab, ns: &str, name: &str, needles: &[&str]) -> Result<Strin
 }
 
 fn annotation(lab: &Lab, ns: &str, name: &str) -> Result<String> {
-    lab.kubectl_ok(&[
-        "get",
+    lab.field(
         "svc",
-        name,
-        "-n",
         ns,
-        "-o",
-        "jsonpath={.metadata.annotations.ferrolb\\.io/ip-allocated-from-pool}",
-    ])
+        name,
+        "{.metadata.annotations.ferrolb\\.io/ip-allocated-from-pool}",
+    )
 }
 
 fn condition(lab: &Lab, ns: &str, name: &str) -> Result<String> {
-    lab.kubectl_ok(&[
-        "get", "svc", name, "-n", ns, "-o",
-        "jsonpath={.status.conditions[?(@.type==\"ferrolb.io/IPAllocated\")].status} {.status.conditions[?(@.type==\"ferrolb.io/IPAllocated\")].reason}",
-    ])
+    lab.field(
+        "svc",
+        ns,
+        name,
+        "{.status.conditions[?(@.type==\"ferrolb.io/IPAllocated\")].status} {.status.conditions[?(@.type==\"ferrolb.io/IPAllocated\")].reason}",
+    )
 }
 
 fn metric(addr: &str, name: &str) -> Option<f64> {
@@ -219,9 +210,7 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
     if code != 200 {
         return None;
     }
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    ferrolb_runtime::testing::samples(&body, name).next()
 }
 
 fn cli(lab: &Lab, args: &[&str]) -> Result<String> {
@@ -247,18 +236,12 @@ fn lab_controller_leads(lab: &Lab) -> Result<()> {
 
 /// Who holds the controller's Lease.
 fn lease_holder(lab: &Lab) -> Result<String> {
-    Ok(lab
-        .kubectl_ok(&[
-            "get",
-            "lease",
-            "ferrolb-controller-ferrolb.io-lb",
-            "-n",
-            components::NAMESPACE,
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])?
-        .trim()
-        .to_string())
+    lab.field(
+        "lease",
+        components::NAMESPACE,
+        "ferrolb-controller-ferrolb.io-lb",
+        "{.spec.holderIdentity}",
+    )
 }
 
 // ---- tests ----
@@ -650,15 +633,7 @@ fn foreign_condition_survives_our_write(lab: &Lab) -> Result<()> {
         Duration::from_secs(40),
         || Ok(condition(lab, "t-cond", "web")? == "True Allocated"),
     )?;
-    let all = lab.kubectl_ok(&[
-        "get",
-        "svc",
-        "web",
-        "-n",
-        "t-cond",
-        "-o",
-        "jsonpath={.status.conditions[*].type}",
-    ])?;
+    let all = lab.field("svc", "t-cond", "web", "{.status.conditions[*].type}")?;
     ensure!(all.contains("example.com/Healthy"), "{all}");
     Ok(())
 }

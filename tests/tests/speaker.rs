@@ -686,11 +686,9 @@ fn speaker_metric(lab: &Lab, n: u8, name: &str) -> Result<f64> {
             "http://127.0.0.1:7474/metrics",
         ],
     )?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.lines()
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
+    let text = String::from_utf8_lossy(&out.stdout);
+    ferrolb_runtime::testing::samples(&text, name)
+        .next()
         .with_context(|| format!("node-{n}'s speaker has no {name}"))
 }
 

@@ -490,15 +490,12 @@ fn histogram(name: &str) -> Option<(f64, f64)> {
     if code != 200 {
         return None;
     }
-    let value = |suffix: &str| -> Option<f64> {
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .reduce(|a, b| a + b)
+    let total = |suffix: &str| -> f64 {
+        ferrolb_runtime::testing::samples(&body, &format!("{name}{suffix}")).sum()
     };
     // A labelled histogram (ours, per IP family) has no lines before its
     // first observation: that is a count of zero, not "no metric".
-    Some((value("_sum").unwrap_or(0.0), value("_count").unwrap_or(0.0)))
+    Some((total("_sum"), total("_count")))
 }
 
 fn measure(
