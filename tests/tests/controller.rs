@@ -1133,6 +1133,7 @@ impl LeaderWatch {
     fn start(controllers: Vec<(String, String)>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let (first_done, first_seen) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
             let mut last: BTreeMap<String, bool> = BTreeMap::new();
             let mut flips = Flips::default();
@@ -1149,12 +1150,16 @@ impl LeaderWatch {
                         flips.0.push((who.clone(), Instant::now(), leading));
                     }
                 }
+                // The caller acts only after every controller has been seen
+                // once: a change it causes at once is then seen as a change.
+                let _ = first_done.send(());
                 if last_round {
                     return flips;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        let _ = first_seen.recv_timeout(Duration::from_secs(10));
         Self { stop, handle }
     }
 
