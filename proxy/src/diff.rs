@@ -85,6 +85,65 @@ pub fn full(desired: &Ruleset) -> Vec<Op> {
     ops
 }
 
+/// Like [`full`], consuming `desired` so its elements move into the
+/// operations instead of being copied (a cold start holds the table once).
+pub fn full_owned(desired: Ruleset) -> Vec<Op> {
+    let Ruleset { sets, chains, .. } = desired;
+    let mut ops = vec![Op::ReplaceTable];
+    let mut filled = Vec::new();
+    for (name, mut set) in sets {
+        let elements = std::mem::take(&mut set.elements);
+        ops.push(Op::AddSet {
+            name: name.clone(),
+            set,
+        });
+        if !elements.is_empty() {
+            filled.push(Op::AddElements {
+                set: name,
+                elements: elements.into_iter().collect(),
+            });
+        }
+    }
+    let mut chains: Vec<(String, Chain)> = chains.into_iter().collect();
+    chains.sort_by_key(|(_, c)| c.base.is_some());
+    let mut rules = Vec::new();
+    for (name, chain) in chains {
+        ops.push(Op::AddChain {
+            name: name.clone(),
+            base: chain.base,
+        });
+        rules.extend(chain.rules.into_iter().map(|rule| Op::AddRule {
+            chain: name.clone(),
+            rule,
+        }));
+    }
+    ops.extend(filled);
+    ops.extend(rules);
+    ops
+}
+
+/// Where an operation goes in a transaction: things exist before they are
+/// referenced, and are no longer referenced when they go.
+fn phase(op: &Op) -> u8 {
+    match op {
+        Op::ReplaceTable => 0,
+        Op::AddSet { .. } => 1,
+        Op::AddChain { .. } => 2,
+        Op::DeleteElements { .. } => 3,
+        Op::AddElements { .. } => 4,
+        Op::FlushChain(_) | Op::AddRule { .. } => 5,
+        Op::DeleteChain(_) => 6,
+        Op::DeleteSet(_) => 7,
+    }
+}
+
+/// Operations from several sources in one valid order (stable: a chain's
+/// flush stays before its new rules).
+pub fn ordered(mut ops: Vec<Op>) -> Vec<Op> {
+    ops.sort_by_key(phase);
+    ops
+}
+
 /// The partial update from `old` to `new`, or `None` when only a full
 /// rebuild can do it (a set changed its definition, or the table its name
 /// or family). An empty list means nothing to do.

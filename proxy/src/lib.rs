@@ -1,3 +1,4 @@
+pub mod cache;
 pub mod conntrack;
 pub mod diff;
 pub mod endpoints;
@@ -5,6 +6,7 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod programmed;
 pub mod render;
 pub mod ruleset;
 pub mod sync;

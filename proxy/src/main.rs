@@ -7,13 +7,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use ferrolb_proxy::cache::Cache;
 use ferrolb_proxy::health::{ProxierHealth, ServiceHealth, serve_proxier};
 use ferrolb_proxy::metrics::KubeProxyMetrics;
 use ferrolb_proxy::model::NodePortAddresses;
 use ferrolb_proxy::netlink::Nft;
+use ferrolb_proxy::programmed::{self, Context};
 use ferrolb_proxy::render::Config;
 use ferrolb_proxy::ruleset::Family;
-use ferrolb_proxy::sync::{Caches, Proxy, Settings, node_facts, render_all};
+use ferrolb_proxy::sync::{Proxy, Settings, wait_listed};
 use ferrolb_runtime::{CommonArgs, NodeArgs, Runtime, parse_args, ports};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -122,22 +124,49 @@ async fn main() -> anyhow::Result<()> {
     let client = rt.client.clone();
     let own_node =
         watcher::Config::default().fields(&format!("metadata.name={}", settings.node_name));
-    let caches = Caches {
-        services: rt.watch(Api::<Service>::all(client.clone()), "services"),
-        slices: rt.watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices"),
-        nodes: rt.watch_with(Api::<Node>::all(client.clone()), own_node, "node"),
-        service_cidrs: rt.watch(Api::<ServiceCIDR>::all(client.clone()), "servicecidrs"),
-    };
+    let cache = Cache::new(&settings.node_name);
+    let all = watcher::Config::default;
+    let c = cache.clone();
+    rt.watch_events(
+        Api::<Service>::all(client.clone()),
+        all(),
+        "services",
+        move |e| c.service_event(e),
+    );
+    let c = cache.clone();
+    rt.watch_events(
+        Api::<EndpointSlice>::all(client.clone()),
+        all(),
+        "endpointslices",
+        move |e| c.slice_event(e),
+    );
+    let c = cache.clone();
+    rt.watch_events(
+        Api::<Node>::all(client.clone()),
+        own_node,
+        "node",
+        move |e| c.node_event(e),
+    );
+    let c = cache.clone();
+    rt.watch_events(
+        Api::<ServiceCIDR>::all(client.clone()),
+        all(),
+        "servicecidrs",
+        move |e| c.service_cidr_event(e),
+    );
 
     if args.print_ruleset {
-        tokio::try_join!(
-            caches.services.wait_until_ready(),
-            caches.slices.wait_until_ready(),
-            caches.nodes.wait_until_ready(),
-            caches.service_cidrs.wait_until_ready(),
-        )?;
-        let (node, _) = node_facts(&caches, &settings.node_name);
-        for (_, rendered) in render_all(&settings, &caches, &node) {
+        if !wait_listed(&cache, &rt.changes, &rt.shutdown).await {
+            return Ok(());
+        }
+        let (node, cidrs) = (cache.node(), cache.service_cidrs());
+        let ctx = Context {
+            cfg: &settings.config,
+            node: &node,
+            service_cidrs: &cidrs,
+        };
+        for family in &settings.families {
+            let rendered = programmed::assemble(*family, &ctx, cache.all());
             print!("{}", rendered.ruleset.to_nft());
         }
         return Ok(());
@@ -162,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(node = %settings.node_name, table = %settings.config.table, "programming Service traffic with nftables");
     let proxy = Proxy::new(
         settings,
-        caches,
+        cache,
         nft,
         metrics,
         health,

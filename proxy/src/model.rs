@@ -197,96 +197,125 @@ pub struct Endpoint {
     pub node_hints: Vec<String>,
 }
 
-/// Endpoints of every Service, by Service and then by (port name, protocol).
-pub type EndpointIndex = BTreeMap<ServiceKey, BTreeMap<(String, Proto), Vec<Endpoint>>>;
+/// Endpoints of one Service by (port name, protocol).
+pub type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
+
+/// Endpoints of every Service.
+pub type EndpointIndex = BTreeMap<ServiceKey, PortEndpoints>;
 
 /// Collects the endpoints of `family` from the slices, for node `node`.
-/// The same address:port listed twice keeps the non-terminating entry.
 pub fn endpoints<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     family: Family,
     node: &str,
 ) -> EndpointIndex {
-    let mut index: EndpointIndex = BTreeMap::new();
+    let mut parts: BTreeMap<ServiceKey, Vec<PortEndpoints>> = BTreeMap::new();
+    for slice in slices {
+        if let Some((key, eps)) = slice_endpoints(slice, family, node) {
+            parts.entry(key).or_default().push(eps);
+        }
+    }
+    parts
+        .into_iter()
+        .map(|(key, parts)| (key, merge(&parts)))
+        .collect()
+}
+
+/// What one slice of `family` gives its Service, as seen from node `node`:
+/// nothing when it is of the other family, unlabelled, or for a Service
+/// kube-proxy ignores.
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    family: Family,
+    node: &str,
+) -> Option<(ServiceKey, PortEndpoints)> {
     let wanted = match family {
         Family::V4 => "IPv4",
         Family::V6 => "IPv6",
     };
-    for slice in slices {
-        if slice.address_type != wanted {
-            continue;
-        }
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| {
-            l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)
-        }) {
-            continue;
-        }
-        let Some(name) = labels
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .filter(|n| !n.is_empty())
-        else {
+    if slice.address_type != wanted {
+        return None;
+    }
+    let labels = slice.metadata.labels.as_ref();
+    if labels
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+    {
+        return None;
+    }
+    let name = labels
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|n| !n.is_empty())?;
+    let key = ServiceKey {
+        namespace: slice.metadata.namespace.clone().unwrap_or_default(),
+        name: name.clone(),
+    };
+    let mut by_port = PortEndpoints::new();
+    for port in slice.ports.iter().flatten() {
+        let (Some(port_name), Some(number)) = (port.name.as_ref(), port.port) else {
             continue;
         };
-        let key = ServiceKey {
-            namespace: slice.metadata.namespace.clone().unwrap_or_default(),
-            name: name.clone(),
+        let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
+            continue;
         };
-        let by_port = index.entry(key).or_default();
-        for port in slice.ports.iter().flatten() {
-            let (Some(port_name), Some(number)) = (port.name.as_ref(), port.port) else {
+        let Some(proto) = Proto::parse(port.protocol.as_deref().unwrap_or("TCP")) else {
+            continue;
+        };
+        let list = by_port.entry((port_name.clone(), proto)).or_default();
+        for ep in &slice.endpoints {
+            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
-            let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
-                continue;
-            };
-            let Some(proto) = Proto::parse(port.protocol.as_deref().unwrap_or("TCP")) else {
-                continue;
-            };
-            let list = by_port.entry((port_name.clone(), proto)).or_default();
-            for ep in &slice.endpoints {
-                let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                    continue;
-                };
-                let c = ep.conditions.as_ref();
-                let hints = ep.hints.as_ref();
-                let new = Endpoint {
-                    addr,
-                    port: number,
-                    ready: c.and_then(|c| c.ready).unwrap_or(true),
-                    serving: c.and_then(|c| c.serving).unwrap_or(true),
-                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                    local: ep.node_name.as_deref() == Some(node),
-                    zone_hints: hints
-                        .and_then(|h| h.for_zones.as_ref())
-                        .into_iter()
-                        .flatten()
-                        .map(|z| z.name.clone())
-                        .collect(),
-                    node_hints: hints
-                        .and_then(|h| h.for_nodes.as_ref())
-                        .into_iter()
-                        .flatten()
-                        .map(|n| n.name.clone())
-                        .collect(),
-                };
+            let c = ep.conditions.as_ref();
+            let hints = ep.hints.as_ref();
+            list.push(Endpoint {
+                addr,
+                port: number,
+                ready: c.and_then(|c| c.ready).unwrap_or(true),
+                serving: c.and_then(|c| c.serving).unwrap_or(true),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                local: ep.node_name.as_deref() == Some(node),
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            });
+        }
+    }
+    Some((key, by_port))
+}
+
+/// The endpoints of one Service from what each of its slices gives, in
+/// order: the same address:port listed twice keeps the first entry that is
+/// not terminating. Sorted by address and port.
+pub fn merge<'a>(parts: impl IntoIterator<Item = &'a PortEndpoints>) -> PortEndpoints {
+    let mut out = PortEndpoints::new();
+    for part in parts {
+        for (port, eps) in part {
+            let list = out.entry(port.clone()).or_default();
+            for new in eps {
                 match list
                     .iter_mut()
                     .find(|e| e.addr == new.addr && e.port == new.port)
                 {
-                    Some(old) if old.terminating && !new.terminating => *old = new,
+                    Some(old) if old.terminating && !new.terminating => *old = new.clone(),
                     Some(_) => {}
-                    None => list.push(new),
+                    None => list.push(new.clone()),
                 }
             }
         }
     }
-    for ports in index.values_mut() {
-        for list in ports.values_mut() {
-            list.sort_by_key(|e| (e.addr, e.port));
-        }
+    for list in out.values_mut() {
+        list.sort_by_key(|e| (e.addr, e.port));
     }
-    index
+    out
 }
 
 /// What the proxy knows about its own node.

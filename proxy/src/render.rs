@@ -21,7 +21,7 @@
 //! - Session affinity is the one per-Service structure (a chain per Service
 //!   port, a timed set per endpoint), built only for Services that ask.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -29,7 +29,9 @@ use sha2::{Digest, Sha256};
 
 use crate::conntrack::UdpService;
 use crate::endpoints::{Selected, select};
-use crate::model::{EndpointIndex, NodeFacts, NodePortAddresses, PortKey, ServiceKey, ServicePort};
+use crate::model::{
+    EndpointIndex, NodeFacts, NodePortAddresses, PortEndpoints, PortKey, ServiceKey, ServicePort,
+};
 use crate::ruleset::{
     Base, Chain, ChainType, Data, Expr, Family, Field, Hook, Proto, Rule, Ruleset, Set, SetData,
     Stmt, Value, Verdict,
@@ -106,9 +108,10 @@ enum Masq {
     FromHost,
 }
 
-/// `address . protocol . port`, or a NodePort's `protocol . port`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Front {
+/// `address . protocol . port`, or a NodePort's `protocol . port`: what a
+/// client connects to. One Service owns each frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Front {
     Addr(IpAddr, Proto, u16),
     NodePort(Proto, u16),
 }
@@ -154,7 +157,7 @@ mod names {
 }
 
 /// Which endpoint map a target's slots live in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Table {
     Main,
     Inside,
@@ -179,6 +182,37 @@ fn pick_chain(np: bool, table: Table, n: usize) -> String {
     format!("pick{what}-{n}")
 }
 
+/// A pick chain, `dnat to <key> . numgen random mod n map @<endpoints>`:
+/// one rule shared by every frontend with `n` endpoints in that map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pick {
+    np: bool,
+    table: Table,
+    n: usize,
+}
+
+impl Pick {
+    pub fn name(&self) -> String {
+        pick_chain(self.np, self.table, self.n)
+    }
+
+    pub fn chain(&self) -> Chain {
+        let mut keys = if self.np {
+            vec![Expr::L4Proto, Expr::Dport]
+        } else {
+            vec![Expr::Daddr, Expr::L4Proto, Expr::Dport]
+        };
+        keys.push(Expr::Random(self.n as u32));
+        Chain {
+            base: None,
+            rules: vec![Rule(vec![Stmt::DnatMap {
+                keys,
+                map: endpoint_map(self.np, self.table).into(),
+            }])],
+        }
+    }
+}
+
 /// A short name that stays the same for the same thing across syncs.
 fn stable_id(parts: &[&str]) -> String {
     let mut h = Sha256::new();
@@ -193,15 +227,60 @@ fn stable_id(parts: &[&str]) -> String {
         .collect()
 }
 
-/// Renders the ruleset of `family`.
-pub fn render(family: Family, cfg: &Config, inputs: &Inputs<'_>) -> Rendered {
-    let mut b = Builder::new(family, cfg, inputs.node);
-    let no_eps = Vec::new();
-    let mut health: BTreeMap<ServiceKey, HealthCheck> = BTreeMap::new();
-    let (mut no_local_internal, mut no_local_external) = (0, 0);
-    let mut udp = Vec::new();
+/// What one Service adds to the ruleset of one family. Frontends are kept
+/// apart because two Services may claim the same one (the same external IP
+/// and port, say): only its owner's elements go in. Plain-set members that
+/// several Services may need (ClusterIPs, hairpin pairs) are counted, not
+/// owned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    pub fronts: BTreeMap<Front, Elements>,
+    pub shared: BTreeSet<(&'static str, Vec<Value>)>,
+    /// Session-affinity sets and chains, named for this Service alone.
+    pub sets: BTreeMap<String, Set>,
+    pub chains: BTreeMap<String, Chain>,
+    pub picks: BTreeSet<Pick>,
+    pub health: Option<HealthCheck>,
+    pub no_local_internal: usize,
+    pub no_local_external: usize,
+    pub udp: Vec<UdpService>,
+}
 
+/// Elements of named sets: `(set, key) -> data`.
+pub type Elements = BTreeMap<(&'static str, Vec<Value>), Option<Data>>;
+
+/// Renders the ruleset of `family`: the scaffold, then every Service's
+/// fragment in key order (the first to claim a frontend owns it).
+pub fn render(family: Family, cfg: &Config, inputs: &Inputs<'_>) -> Rendered {
+    let mut by_service: BTreeMap<&ServiceKey, Vec<&ServicePort>> = BTreeMap::new();
     for sp in inputs.ports {
+        by_service.entry(&sp.key.service).or_default().push(sp);
+    }
+    let mut all = Assembly::new(scaffold(family, cfg, inputs.node, inputs.service_cidrs));
+    for (key, ports) in by_service {
+        let eps = inputs.endpoints.get(key);
+        all.add(key, service(family, cfg, inputs.node, ports, eps));
+    }
+    all.finish()
+}
+
+/// What one Service adds to `family`'s ruleset, from its ports and their
+/// endpoints.
+pub fn service<'p>(
+    family: Family,
+    cfg: &Config,
+    node: &NodeFacts,
+    ports: impl IntoIterator<Item = &'p ServicePort>,
+    endpoints: Option<&PortEndpoints>,
+) -> Fragment {
+    let mut b = ServiceBuilder {
+        family,
+        cfg,
+        node_ip: node.primary(family),
+        frag: Fragment::default(),
+    };
+    let no_eps = Vec::new();
+    for sp in ports {
         let Some(cluster_ip) = sp
             .cluster_ips
             .iter()
@@ -210,20 +289,18 @@ pub fn render(family: Family, cfg: &Config, inputs: &Inputs<'_>) -> Rendered {
         else {
             continue;
         };
-        let eps = inputs
-            .endpoints
-            .get(&sp.key.service)
+        let eps = endpoints
             .and_then(|p| p.get(&(sp.key.port_name.clone(), sp.key.proto)))
             .unwrap_or(&no_eps);
-        let sel = select(sp, eps, inputs.node);
+        let sel = select(sp, eps, node);
         if sp.internal_local && sel.local.is_empty() && sel.any {
-            no_local_internal += 1;
+            b.frag.no_local_internal += 1;
         }
         if sp.external_local && sel.local.is_empty() && sel.any {
-            no_local_external += 1;
+            b.frag.no_local_external += 1;
         }
         if let Some(port) = sp.health_check_node_port {
-            let h = health.entry(sp.key.service.clone()).or_insert(HealthCheck {
+            let h = b.frag.health.get_or_insert(HealthCheck {
                 port,
                 local_endpoints: 0,
             });
@@ -238,7 +315,7 @@ pub fn render(family: Family, cfg: &Config, inputs: &Inputs<'_>) -> Rendered {
                     .chain(&sp.external_ips)
                     .filter(|a| Family::of(a) == family),
             );
-            udp.push(UdpService {
+            b.frag.udp.push(UdpService {
                 ips,
                 port: sp.port,
                 node_port: sp.node_port,
@@ -250,136 +327,136 @@ pub fn render(family: Family, cfg: &Config, inputs: &Inputs<'_>) -> Rendered {
             });
         }
     }
-    b.node(inputs.node, &cfg.nodeport_addresses);
-    b.cidrs(inputs.service_cidrs);
-    Rendered {
-        ruleset: b.finish(),
-        health,
-        no_local_internal,
-        no_local_external,
-        udp,
+    let mut frag = b.frag;
+    for elements in frag.fronts.values_mut() {
+        let sources: Vec<Vec<Value>> = elements
+            .keys()
+            .filter(|(set, _)| *set == names::LB_SOURCES)
+            .map(|(_, k)| k.clone())
+            .collect();
+        elements.retain(|(set, k), _| *set != names::LB_SOURCES || !is_covered(k, &sources));
+    }
+    frag
+}
+
+/// Everything that belongs to no Service: the sets' definitions, the node's
+/// and the cluster's addresses, and the chains that use the sets.
+pub fn scaffold(
+    family: Family,
+    cfg: &Config,
+    node: &NodeFacts,
+    service_cidrs: &[IpNet],
+) -> Ruleset {
+    let mut s = Scaffold::new(family, cfg);
+    s.node(node, &cfg.nodeport_addresses);
+    s.cidrs(service_cidrs);
+    s.finish()
+}
+
+/// Fragments added to a scaffold, in Service key order.
+pub struct Assembly {
+    rendered: Rendered,
+    claimed: HashSet<Front>,
+    picks: BTreeSet<Pick>,
+}
+
+impl Assembly {
+    pub fn new(scaffold: Ruleset) -> Self {
+        Self {
+            rendered: Rendered {
+                ruleset: scaffold,
+                health: BTreeMap::new(),
+                no_local_internal: 0,
+                no_local_external: 0,
+                udp: Vec::new(),
+            },
+            claimed: HashSet::new(),
+            picks: BTreeSet::new(),
+        }
+    }
+
+    /// Adds `frag` of Service `key`; frontends already claimed by a Service
+    /// added before are left to it.
+    pub fn add(&mut self, key: &ServiceKey, frag: Fragment) {
+        let r = &mut self.rendered;
+        for (front, elements) in frag.fronts {
+            if !self.claimed.insert(front) {
+                continue;
+            }
+            for ((set, k), data) in elements {
+                if let Some(s) = r.ruleset.sets.get_mut(set) {
+                    s.elements.insert(k, data);
+                }
+            }
+        }
+        for (set, k) in frag.shared {
+            if let Some(s) = r.ruleset.sets.get_mut(set) {
+                s.elements.insert(k, None);
+            }
+        }
+        r.ruleset.sets.extend(frag.sets);
+        r.ruleset.chains.extend(frag.chains);
+        self.picks.extend(frag.picks);
+        if let Some(h) = frag.health {
+            r.health.insert(key.clone(), h);
+        }
+        r.no_local_internal += frag.no_local_internal;
+        r.no_local_external += frag.no_local_external;
+        r.udp.extend(frag.udp);
+    }
+
+    pub fn finish(mut self) -> Rendered {
+        for pick in self.picks {
+            self.rendered
+                .ruleset
+                .chains
+                .insert(pick.name(), pick.chain());
+        }
+        self.rendered
     }
 }
 
-/// Interval sets refuse overlapping elements: keep only the prefixes that
-/// no other prefix (with the same leading fields) contains.
-fn drop_covered_prefixes(set: &mut Set) {
-    let keys: Vec<Vec<Value>> = set.elements.keys().cloned().collect();
-    let covered = |k: &Vec<Value>| {
-        let Some((Value::Prefix(p), head)) = k.split_last() else {
-            return false;
-        };
-        keys.iter().any(|o| match o.split_last() {
-            Some((Value::Prefix(q), h)) => h == head && q != p && q.contains(p),
-            _ => false,
-        })
+/// Whether an interval-set key is contained in another of `keys` with the
+/// same leading fields: interval sets refuse overlapping elements, so only
+/// the outermost prefixes stay.
+fn is_covered(k: &[Value], keys: &[Vec<Value>]) -> bool {
+    let Some((Value::Prefix(p), head)) = k.split_last() else {
+        return false;
     };
-    set.elements.retain(|k, _| !covered(k));
+    keys.iter().any(|o| match o.split_last() {
+        Some((Value::Prefix(q), h)) => h == head && q != p && q.contains(p),
+        _ => false,
+    })
 }
 
-struct Builder<'a> {
+/// Builds one Service's fragment.
+struct ServiceBuilder<'a> {
     family: Family,
     cfg: &'a Config,
-    rs: Ruleset,
-    /// Pick chains in use: (nodeport?, table, endpoint count).
-    picks: BTreeSet<(bool, Table, usize)>,
-    has_cluster_cidrs: bool,
     /// This node's primary address of the family.
     node_ip: Option<IpAddr>,
+    frag: Fragment,
 }
 
-impl<'a> Builder<'a> {
-    fn new(family: Family, cfg: &'a Config, node: &NodeFacts) -> Self {
-        let mut rs = Ruleset::new(family, &cfg.table);
-        let addr_key = vec![Field::Addr, Field::Proto, Field::Port];
-        let np_key = vec![Field::Proto, Field::Port];
-        let slot = |mut k: Vec<Field>| {
-            k.push(Field::Slot);
-            k
-        };
-        let ep_data = SetData::Fields(vec![Field::Addr, Field::Port]);
-        for (name, key) in [
-            (names::DISPATCH, &addr_key),
-            (names::DISPATCH_INSIDE, &addr_key),
-            (names::DISPATCH_NP, &np_key),
-            (names::DISPATCH_NP_INSIDE, &np_key),
-        ] {
-            rs.sets
-                .insert(name.into(), Set::map(key.clone(), SetData::Verdict));
-        }
-        for (name, key) in [
-            (names::ENDPOINTS, &addr_key),
-            (names::ENDPOINTS_INSIDE, &addr_key),
-            (names::ENDPOINTS_NP, &np_key),
-            (names::ENDPOINTS_NP_INSIDE, &np_key),
-        ] {
-            rs.sets
-                .insert(name.into(), Set::map(slot(key.clone()), ep_data.clone()));
-        }
-        for name in [
-            names::MASQ_ALWAYS,
-            names::MASQ_OUTSIDE,
-            names::MASQ_HOST,
-            names::NO_ENDPOINTS,
-            names::LB_RANGED,
-        ] {
-            rs.sets.insert(name.into(), Set::plain(addr_key.clone()));
-        }
-        for name in [
-            names::MASQ_ALWAYS_NP,
-            names::MASQ_HOST_NP,
-            names::NO_ENDPOINTS_NP,
-        ] {
-            rs.sets.insert(name.into(), Set::plain(np_key.clone()));
-        }
-        for name in [names::CLUSTER_IPS, names::NODEPORT_IPS] {
-            rs.sets.insert(name.into(), Set::plain(vec![Field::Addr]));
-        }
-        for name in [names::SERVICE_CIDRS, names::CLUSTER_CIDRS] {
-            rs.sets
-                .insert(name.into(), Set::intervals(vec![Field::Addr]));
-        }
-        rs.sets.insert(
-            names::LB_SOURCES.into(),
-            Set::intervals(vec![Field::Addr, Field::Addr]),
-        );
-        rs.sets.insert(
-            names::HAIRPIN.into(),
-            Set::plain(vec![Field::Addr, Field::Addr]),
-        );
-        let cidrs: Vec<IpNet> = cfg
-            .cluster_cidrs
-            .iter()
-            .filter(|c| Family::of(&c.addr()) == family)
-            .copied()
-            .collect();
-        for c in &cidrs {
-            rs.sets
-                .get_mut(names::CLUSTER_CIDRS)
-                .map(|s| s.elements.insert(vec![Value::Prefix(*c)], None));
-        }
-        Self {
-            family,
-            cfg,
-            rs,
-            picks: BTreeSet::new(),
-            has_cluster_cidrs: !cidrs.is_empty(),
-            node_ip: node.primary(family),
-        }
+impl ServiceBuilder<'_> {
+    fn add(&mut self, front: Front, set: &'static str, key: Vec<Value>, data: Option<Data>) {
+        self.frag
+            .fronts
+            .entry(front)
+            .or_default()
+            .insert((set, key), data);
     }
 
-    fn add(&mut self, set: &str, key: Vec<Value>, data: Option<Data>) {
-        if let Some(s) = self.rs.sets.get_mut(set) {
-            s.elements.insert(key, data);
-        }
+    fn share(&mut self, set: &'static str, key: Vec<Value>) {
+        self.frag.shared.insert((set, key));
     }
 
     fn port(&mut self, sp: &ServicePort, cluster_ip: IpAddr, sel: &Selected) {
         let f = self.family;
-        self.add(names::CLUSTER_IPS, vec![Value::Addr(cluster_ip)], None);
+        self.share(names::CLUSTER_IPS, vec![Value::Addr(cluster_ip)]);
         for ep in sel.cluster.iter().chain(&sel.local) {
             let a = Value::Addr(ep.ip());
-            self.add(names::HAIRPIN, vec![a, a], None);
+            self.share(names::HAIRPIN, vec![a, a]);
         }
         let endpoints = |eps: &[SocketAddr]| Target::Endpoints {
             eps: eps.to_vec(),
@@ -441,7 +518,8 @@ impl<'a> Builder<'a> {
             self.front(&sp.key, front, &external, &inside, external_masq);
         }
         // Source ranges guard the LB IPs only (never NodePorts, ClusterIPs or
-        // external IPs); ranges only of the other family filter nothing.
+        // external IPs), each frontend its own Service's ranges; ranges only
+        // of the other family filter nothing.
         let ranges: Vec<IpNet> = sp
             .source_ranges
             .iter()
@@ -451,13 +529,14 @@ impl<'a> Builder<'a> {
         if !ranges.is_empty() {
             for addr in &lb {
                 let front = Front::Addr(*addr, sp.key.proto, sp.port);
-                self.add(names::LB_RANGED, front.key(), None);
+                self.add(front, names::LB_RANGED, front.key(), None);
+                let source = |r: IpNet| {
+                    let mut k = front.key();
+                    k.push(Value::Prefix(r));
+                    k
+                };
                 for r in &ranges {
-                    self.add(
-                        names::LB_SOURCES,
-                        vec![Value::Addr(*addr), Value::Prefix(*r)],
-                        None,
-                    );
+                    self.add(front, names::LB_SOURCES, source(*r), None);
                 }
                 // A node inside the ranges reaches the LB IP with the LB
                 // IP itself as source (the address may be local here).
@@ -466,11 +545,7 @@ impl<'a> Builder<'a> {
                     .is_some_and(|n| ranges.iter().any(|r| r.contains(&n)))
                 {
                     let own = IpNet::from(*addr);
-                    self.add(
-                        names::LB_SOURCES,
-                        vec![Value::Addr(*addr), Value::Prefix(own)],
-                        None,
-                    );
+                    self.add(front, names::LB_SOURCES, source(own), None);
                 }
             }
         }
@@ -492,21 +567,31 @@ impl<'a> Builder<'a> {
                 } else {
                     names::NO_ENDPOINTS
                 };
-                self.add(set, front.key(), None);
+                self.add(front, set, front.key(), None);
             }
             Target::Drop => {
-                self.add(dispatch, front.key(), Some(Data::Verdict(Verdict::Drop)));
+                self.add(
+                    front,
+                    dispatch,
+                    front.key(),
+                    Some(Data::Verdict(Verdict::Drop)),
+                );
             }
             Target::Endpoints { eps, affinity } => {
                 let verdict = self.target(key, front, Table::Main, eps, *affinity);
-                self.add(dispatch, front.key(), Some(Data::Verdict(verdict)));
+                self.add(front, dispatch, front.key(), Some(Data::Verdict(verdict)));
             }
         }
         if inside != main
             && let Target::Endpoints { eps, affinity } = inside
         {
             let verdict = self.target(key, front, Table::Inside, eps, *affinity);
-            self.add(dispatch_inside, front.key(), Some(Data::Verdict(verdict)));
+            self.add(
+                front,
+                dispatch_inside,
+                front.key(),
+                Some(Data::Verdict(verdict)),
+            );
         }
         // Only frontends that DNAT may carry the masquerade bit: a marked
         // packet that is dropped or rejected must never be SNATed instead.
@@ -519,10 +604,10 @@ impl<'a> Builder<'a> {
                 } else {
                     names::MASQ_ALWAYS
                 };
-                self.add(set, front.key(), None);
+                self.add(front, set, front.key(), None);
             }
             Masq::FromOutside if main_dnats && !np => {
-                self.add(names::MASQ_OUTSIDE, front.key(), None);
+                self.add(front, names::MASQ_OUTSIDE, front.key(), None);
             }
             Masq::FromHost if inside_dnats => {
                 let set = if np {
@@ -530,7 +615,7 @@ impl<'a> Builder<'a> {
                 } else {
                     names::MASQ_HOST
                 };
-                self.add(set, front.key(), None);
+                self.add(front, set, front.key(), None);
             }
             _ => {}
         }
@@ -554,6 +639,7 @@ impl<'a> Builder<'a> {
             let mut k = front.key();
             k.push(Value::Slot(slot as u32));
             self.add(
+                front,
                 map,
                 k,
                 Some(Data::Values(vec![
@@ -562,8 +648,13 @@ impl<'a> Builder<'a> {
                 ])),
             );
         }
-        self.picks.insert((np, table, eps.len()));
-        Verdict::Goto(pick_chain(np, table, eps.len()))
+        let pick = Pick {
+            np,
+            table,
+            n: eps.len(),
+        };
+        self.frag.picks.insert(pick);
+        Verdict::Goto(pick.name())
     }
 
     /// The chains and timed sets of one Service port with ClientIP
@@ -582,15 +673,18 @@ impl<'a> Builder<'a> {
             Table::Main => "main",
             Table::Inside => "inside",
         };
+        // The timeout is part of the name: a new timeout is a new set, never
+        // a set whose definition changes under its users.
         let id = stable_id(&[
             &key.service.namespace,
             &key.service.name,
             &key.port_name,
             key.proto.nft(),
             which,
+            &timeout.to_string(),
         ]);
         let chain = format!("affinity-{id}");
-        if self.rs.chains.contains_key(&chain) {
+        if self.frag.chains.contains_key(&chain) {
             return chain;
         }
         let mut rules = Vec::new();
@@ -599,7 +693,7 @@ impl<'a> Builder<'a> {
             let eid = stable_id(&[&id, &ep.to_string()]);
             let set = format!("affinity-{id}-{eid}");
             let ep_chain = format!("affinity-{id}-{eid}");
-            self.rs
+            self.frag
                 .sets
                 .insert(set.clone(), Set::dynamic(vec![Field::Addr], timeout));
             // Back to the endpoint's chain, which renews the client's
@@ -613,7 +707,7 @@ impl<'a> Builder<'a> {
                 },
                 Stmt::Goto(ep_chain.clone()),
             ]));
-            self.rs.chains.insert(
+            self.frag.chains.insert(
                 ep_chain.clone(),
                 Chain {
                     base: None,
@@ -644,15 +738,108 @@ impl<'a> Builder<'a> {
             stmts.push(Stmt::Goto(ep_chain));
             rules.push(Rule(stmts));
         }
-        self.rs
+        self.frag
             .chains
             .insert(chain.clone(), Chain { base: None, rules });
         chain
     }
+}
+
+/// Builds the scaffold.
+struct Scaffold<'a> {
+    family: Family,
+    cfg: &'a Config,
+    rs: Ruleset,
+    has_cluster_cidrs: bool,
+}
+
+impl<'a> Scaffold<'a> {
+    fn new(family: Family, cfg: &'a Config) -> Self {
+        let mut rs = Ruleset::new(family, &cfg.table);
+        let addr_key = vec![Field::Addr, Field::Proto, Field::Port];
+        let np_key = vec![Field::Proto, Field::Port];
+        let slot = |mut k: Vec<Field>| {
+            k.push(Field::Slot);
+            k
+        };
+        let ep_data = SetData::Fields(vec![Field::Addr, Field::Port]);
+        for (name, key) in [
+            (names::DISPATCH, &addr_key),
+            (names::DISPATCH_INSIDE, &addr_key),
+            (names::DISPATCH_NP, &np_key),
+            (names::DISPATCH_NP_INSIDE, &np_key),
+        ] {
+            rs.sets
+                .insert(name.into(), Set::map(key.clone(), SetData::Verdict));
+        }
+        for (name, key) in [
+            (names::ENDPOINTS, &addr_key),
+            (names::ENDPOINTS_INSIDE, &addr_key),
+            (names::ENDPOINTS_NP, &np_key),
+            (names::ENDPOINTS_NP_INSIDE, &np_key),
+        ] {
+            rs.sets
+                .insert(name.into(), Set::map(slot(key.clone()), ep_data.clone()));
+        }
+        for name in [
+            names::MASQ_ALWAYS,
+            names::MASQ_OUTSIDE,
+            names::MASQ_HOST,
+            names::NO_ENDPOINTS,
+            names::LB_RANGED,
+        ] {
+            rs.sets.insert(name.into(), Set::plain(addr_key.clone()));
+        }
+        for name in [
+            names::MASQ_ALWAYS_NP,
+            names::MASQ_HOST_NP,
+            names::NO_ENDPOINTS_NP,
+        ] {
+            rs.sets.insert(name.into(), Set::plain(np_key.clone()));
+        }
+        for name in [names::CLUSTER_IPS, names::NODEPORT_IPS] {
+            rs.sets.insert(name.into(), Set::plain(vec![Field::Addr]));
+        }
+        for name in [names::SERVICE_CIDRS, names::CLUSTER_CIDRS] {
+            rs.sets
+                .insert(name.into(), Set::intervals(vec![Field::Addr]));
+        }
+        rs.sets.insert(
+            names::LB_SOURCES.into(),
+            Set::intervals(vec![Field::Addr, Field::Proto, Field::Port, Field::Addr]),
+        );
+        rs.sets.insert(
+            names::HAIRPIN.into(),
+            Set::plain(vec![Field::Addr, Field::Addr]),
+        );
+        let cidrs: Vec<IpNet> = cfg
+            .cluster_cidrs
+            .iter()
+            .filter(|c| Family::of(&c.addr()) == family)
+            .copied()
+            .collect();
+        for c in &cidrs {
+            rs.sets
+                .get_mut(names::CLUSTER_CIDRS)
+                .map(|s| s.elements.insert(vec![Value::Prefix(*c)], None));
+        }
+        Self {
+            family,
+            cfg,
+            rs,
+            has_cluster_cidrs: !cidrs.is_empty(),
+        }
+    }
+
+    fn add(&mut self, set: &str, key: Vec<Value>) {
+        if let Some(s) = self.rs.sets.get_mut(set) {
+            s.elements.insert(key, None);
+        }
+    }
 
     fn node(&mut self, node: &NodeFacts, which: &NodePortAddresses) {
         for a in which.select(node, self.family) {
-            self.add(names::NODEPORT_IPS, vec![Value::Addr(a)], None);
+            self.add(names::NODEPORT_IPS, vec![Value::Addr(a)]);
         }
     }
 
@@ -662,13 +849,14 @@ impl<'a> Builder<'a> {
             .iter()
             .filter(|c| Family::of(&c.addr()) == family)
         {
-            self.add(names::SERVICE_CIDRS, vec![Value::Prefix(c.trunc())], None);
+            self.add(names::SERVICE_CIDRS, vec![Value::Prefix(c.trunc())]);
         }
     }
 
     fn finish(mut self) -> Ruleset {
         for set in self.rs.sets.values_mut().filter(|s| s.interval) {
-            drop_covered_prefixes(set);
+            let keys: Vec<Vec<Value>> = set.elements.keys().cloned().collect();
+            set.elements.retain(|k, _| !is_covered(k, &keys));
         }
         let bit = self.cfg.masquerade_bit;
         let addr_key = vec![Expr::Daddr, Expr::L4Proto, Expr::Dport];
@@ -681,22 +869,6 @@ impl<'a> Builder<'a> {
         let on_nodeport_ips = || in_set(&[Expr::Daddr], names::NODEPORT_IPS);
         let from_pods = || in_set(&[Expr::Saddr], names::CLUSTER_CIDRS);
         let from_host = || Stmt::FibLocal { saddr: true };
-
-        for (np, table, n) in std::mem::take(&mut self.picks) {
-            let mut keys = if np { np_key.clone() } else { addr_key.clone() };
-            keys.push(Expr::Random(n as u32));
-            let rule = Rule(vec![Stmt::DnatMap {
-                keys,
-                map: endpoint_map(np, table).into(),
-            }]);
-            self.rs.chains.insert(
-                pick_chain(np, table, n),
-                Chain {
-                    base: None,
-                    rules: vec![rule],
-                },
-            );
-        }
 
         // Masquerade marks first, then dispatch: inside sources (pods, the
         // node) to their own table of exceptions, then everyone.
@@ -808,7 +980,7 @@ impl<'a> Builder<'a> {
             Stmt::CtNew,
             in_set(&addr_key, names::LB_RANGED),
             Stmt::InSet {
-                keys: vec![Expr::Daddr, Expr::Saddr],
+                keys: vec![Expr::Daddr, Expr::L4Proto, Expr::Dport, Expr::Saddr],
                 set: names::LB_SOURCES.into(),
                 negate: true,
             },

@@ -1,46 +1,34 @@
 //! The proxy's loop: on every change of Services, EndpointSlices, the Node
-//! or ServiceCIDRs (rate-limited), render the ruleset of each family, send
-//! the kernel only the difference from what it holds, then clean stale UDP
-//! conntrack entries and bring the health-check servers in line.
+//! or ServiceCIDRs (rate-limited), bring each family's table in line with
+//! the caches, sending the kernel only what the changed Services need; then
+//! clean stale UDP conntrack entries and bring the health-check servers in
+//! line.
 //!
-//! The committed rulesets are kept in memory: the kernel is never listed on
-//! this path. A partial update the kernel refuses is followed at once by a
-//! full rebuild, counted in `ferrolb_proxy_full_resyncs_total`.
+//! What the kernel holds is kept in memory ([`Programmed`]): the kernel is
+//! never listed on this path. A partial update the kernel refuses is
+//! followed at once by a full rebuild, counted in
+//! `ferrolb_proxy_full_resyncs_total`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::ResourceExt;
-use kube::runtime::reflector::Store;
 use nlink::netlink::{Connection, Netfilter};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::conntrack;
-use crate::diff;
+use crate::cache::Cache;
+use crate::conntrack::{self, UdpService};
 use crate::health::{self, ProxierHealth, ServiceHealth};
 use crate::metrics::KubeProxyMetrics;
-use crate::model::{self, NodeFacts, ServicePort};
 use crate::netlink::Nft;
-use crate::render::{self, Config, Inputs, Rendered};
-use crate::ruleset::{Family, Ruleset};
+use crate::programmed::{Context, Programmed, Update};
+use crate::render::Config;
+use crate::ruleset::Family;
 
 /// kube-proxy's endpoint-change trigger time annotation.
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-pub struct Caches {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
-    /// Only our own Node.
-    pub nodes: Store<Node>,
-    pub service_cidrs: Store<ServiceCIDR>,
-}
 
 /// What the loop needs besides the caches.
 pub struct Settings {
@@ -92,29 +80,39 @@ impl Limiter {
     }
 }
 
-/// The shell around [`render`], [`diff`] and the kernel.
+/// The shell around [`Programmed`] and the kernel.
 pub struct Proxy {
     settings: Settings,
-    caches: Caches,
+    cache: Cache,
     nft: Nft,
     conntrack: Option<Connection<Netfilter>>,
-    committed: BTreeMap<Family, Ruleset>,
+    tables: BTreeMap<Family, Programmed>,
     metrics: KubeProxyMetrics,
     health: Arc<ProxierHealth>,
     service_health: ServiceHealth,
     events: ferrolb_runtime::events::EventSink,
-    /// Resource versions of the slices and Services seen by the last sync,
-    /// to count changes and observe programming latency once each.
-    seen_slices: HashMap<String, String>,
-    seen_services: HashMap<String, String>,
     started: SystemTime,
+}
+
+/// Waits until every watch feeding `cache` has listed once; false on
+/// shutdown.
+pub async fn wait_listed(cache: &Cache, changes: &Notify, shutdown: &CancellationToken) -> bool {
+    while !cache.listed() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = changes.notified() => {}
+            // A notification can land between the check and the wait.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    true
 }
 
 impl Proxy {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
-        caches: Caches,
+        cache: Cache,
         nft: Nft,
         metrics: KubeProxyMetrics,
         health: Arc<ProxierHealth>,
@@ -128,18 +126,21 @@ impl Proxy {
                 None
             }
         };
+        let tables = settings
+            .families
+            .iter()
+            .map(|f| (*f, Programmed::new(*f)))
+            .collect();
         Self {
             settings,
-            caches,
+            cache,
             nft,
             conntrack,
-            committed: BTreeMap::new(),
+            tables,
             metrics,
             health,
             service_health,
             events,
-            seen_slices: HashMap::new(),
-            seen_services: HashMap::new(),
             started: SystemTime::now(),
         }
     }
@@ -147,18 +148,7 @@ impl Proxy {
     /// Syncs until `shutdown`. Nothing is programmed before every cache
     /// holds its first full list (a partial list would drop live Services).
     pub async fn run(mut self, changes: Arc<Notify>, shutdown: CancellationToken) {
-        let synced = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = async {
-                tokio::try_join!(
-                    self.caches.services.wait_until_ready(),
-                    self.caches.slices.wait_until_ready(),
-                    self.caches.nodes.wait_until_ready(),
-                    self.caches.service_cidrs.wait_until_ready(),
-                )
-            } => r,
-        };
-        if synced.is_err() {
+        if !wait_listed(&self.cache, &changes, &shutdown).await {
             return;
         }
         for f in &self.settings.families {
@@ -193,40 +183,80 @@ impl Proxy {
         }
     }
 
-    fn node(&self) -> NodeFacts {
-        let (facts, node) = node_facts(&self.caches, &self.settings.node_name);
-        if let Some(n) = &node {
-            self.health.set_node_eligible(health::node_eligible(n));
-        }
-        facts
-    }
-
     /// One pass over every family; true when the kernel took everything.
     pub async fn sync(&mut self) -> bool {
-        let services = self.caches.services.state();
-        let slices = self.caches.slices.state();
-        let node = self.node();
-        self.count_changes(&services, &slices);
-        let rendered = render_all(&self.settings, &self.caches, &node);
+        let started = Instant::now();
+        let changes = self.cache.take();
+        for _ in 0..changes.service_changes {
+            self.metrics.service_changed();
+        }
+        for _ in 0..changes.slice_changes {
+            self.metrics.endpoints_changed();
+        }
+        self.metrics
+            .set_pending(changes.slice_changes, changes.service_changes);
+        if let Some(eligible) = self.cache.node_eligible() {
+            self.health.set_node_eligible(eligible);
+        }
+        let node = self.cache.node();
+        let cidrs = self.cache.service_cidrs();
+        if changes.node_changed {
+            for table in self.tables.values_mut() {
+                if table.is_built() {
+                    self.metrics.full_resync("node-changed");
+                }
+                table.forget();
+            }
+        }
+        let shared = started.elapsed();
 
         let mut ok = true;
+        let families = self.settings.families.clone();
+        let cfg = self.settings.config.clone();
+        for family in families {
+            let family_started = Instant::now();
+            let ctx = Context {
+                cfg: &cfg,
+                node: &node,
+                service_cidrs: &cidrs,
+            };
+            let Some(table) = self.tables.get_mut(&family) else {
+                continue;
+            };
+            let cache = &self.cache;
+            let update = table.update(&ctx, &changes.services, || cache.all());
+            if let Some(reason) = update.reason {
+                self.metrics.full_resync(reason);
+            }
+            match self.program(family, &ctx, update).await {
+                Some((full, udp)) => {
+                    let took = shared + family_started.elapsed();
+                    self.metrics.observe_sync(family, full, took);
+                    self.clean_conntrack(family, &udp).await;
+                }
+                None => ok = false,
+            }
+        }
         let mut wanted_health = BTreeMap::new();
-        for (family, rendered) in &rendered {
-            for (key, hc) in &rendered.health {
-                let entry = wanted_health.entry(key.clone()).or_insert(health::Wanted {
+        for table in self.tables.values() {
+            for (key, hc) in table.health() {
+                let entry = wanted_health.entry(key).or_insert(health::Wanted {
                     port: hc.port,
                     local_endpoints: 0,
                 });
                 entry.local_endpoints = entry.local_endpoints.max(hc.local_endpoints);
             }
-            if !self.program(*family, rendered).await {
-                ok = false;
-                continue;
-            }
-            self.clean_conntrack(*family, rendered).await;
         }
         if ok {
-            self.observe_programming(&slices);
+            let now = SystemTime::now();
+            for (family, trigger) in &changes.triggers {
+                self.metrics
+                    .observe_trigger_time(*family, self.started, trigger, now);
+            }
+            let (slices, services) = self.cache.pending();
+            self.metrics.set_pending(slices, services);
+        } else {
+            self.cache.restore(changes);
         }
         let listen: Vec<IpAddr> = self
             .settings
@@ -236,31 +266,30 @@ impl Proxy {
             .collect();
         let failed = self.service_health.sync(wanted_health, &listen).await;
         for (key, error) in failed {
-            self.warn_health_check(&services, &key, &error).await;
+            self.warn_health_check(&key, &error).await;
         }
         ok
     }
 
-    /// Brings the kernel's table of `family` to `rendered`; true on success.
-    async fn program(&mut self, family: Family, rendered: &Rendered) -> bool {
-        let desired = &rendered.ruleset;
-        let started = Instant::now();
-        let (ops, full) = match self
-            .committed
-            .get(&family)
-            .map(|old| diff::diff(old, desired))
-        {
-            Some(Some(ops)) => (ops, false),
-            Some(None) => {
-                self.metrics.full_resync("layout-changed");
-                (diff::full(desired), true)
-            }
-            None => (diff::full(desired), true),
-        };
-        let mut result = if ops.is_empty() {
-            Ok(())
-        } else {
-            self.nft.commit(desired, &ops).await
+    /// Sends `update` to the kernel; on success whether it was a full build
+    /// and the UDP Services to clean conntrack for.
+    async fn program(
+        &mut self,
+        family: Family,
+        ctx: &Context<'_>,
+        update: Update,
+    ) -> Option<(bool, Vec<UdpService>)> {
+        let Update {
+            ops,
+            mut full,
+            mut udp,
+            ..
+        } = update;
+        let table = self.tables.get_mut(&family)?;
+        let mut result = match table.scaffold() {
+            _ if ops.is_empty() => Ok(()),
+            Some(shapes) => self.nft.commit(shapes, &ops).await,
+            None => Ok(()),
         };
         if let Err(error) = &result
             && !full
@@ -269,49 +298,48 @@ impl Proxy {
             tracing::warn!(family = family.label(), %error, ops = ops.len(), "partial update refused; rebuilding the table");
             self.metrics.nftables_sync_failed(family);
             self.metrics.full_resync("partial-update-failed");
-            result = self.nft.commit(desired, &diff::full(desired)).await;
+            let rebuild = table.full(ctx, self.cache.all());
+            (full, udp) = (true, rebuild.udp);
+            result = match table.scaffold() {
+                Some(shapes) => self.nft.commit(shapes, &rebuild.ops).await,
+                None => Ok(()),
+            };
         }
-        let took = started.elapsed();
         match result {
             Ok(()) => {
-                self.metrics.observe_sync(family, full, took);
+                let (internal, external) = table.no_local();
+                self.metrics
+                    .set_no_local_endpoints(family, internal, external);
+                let (chains, elements) = table.size();
+                self.metrics.set_ruleset_size(family, chains, elements);
                 self.metrics.sync_succeeded(family, SystemTime::now());
-                self.metrics.set_no_local_endpoints(
-                    family,
-                    rendered.no_local_internal,
-                    rendered.no_local_external,
-                );
-                self.metrics.set_ruleset_size(
-                    family,
-                    desired.chains.len(),
-                    desired.element_count(),
-                );
                 self.health.updated(family);
                 if !ops.is_empty() {
                     tracing::debug!(
                         family = family.label(),
                         full,
-                        elements = diff::element_changes(&ops),
-                        took_us = took.as_micros() as u64,
+                        elements = crate::diff::element_changes(&ops),
                         "synced"
                     );
                 }
-                self.committed.insert(family, desired.clone());
-                true
+                Some((full, udp))
             }
             Err(error) => {
                 tracing::error!(family = family.label(), %error, "the kernel refused the ruleset; retrying after the sync period");
                 self.metrics.nftables_sync_failed(family);
                 // Unknown state: the next attempt rebuilds.
-                self.committed.remove(&family);
-                false
+                table.forget();
+                None
             }
         }
     }
 
-    async fn clean_conntrack(&self, family: Family, rendered: &Rendered) {
+    async fn clean_conntrack(&self, family: Family, udp: &[UdpService]) {
         let Some(conn) = &self.conntrack else { return };
-        match conntrack::cleanup(conn, family, &rendered.udp).await {
+        if udp.is_empty() {
+            return;
+        }
+        match conntrack::cleanup(conn, family, udp).await {
             Ok(0) => {}
             Ok(n) => {
                 self.metrics.conntrack_deleted(family, n);
@@ -325,67 +353,8 @@ impl Proxy {
         }
     }
 
-    /// Counts Service and EndpointSlice changes since the last sync.
-    fn count_changes(&mut self, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) {
-        let changed = |seen: &HashMap<String, String>, uid: Option<String>, rv: Option<String>| {
-            uid.is_some_and(|u| seen.get(&u) != rv.as_ref())
-        };
-        let svc_changes = services
-            .iter()
-            .filter(|s| changed(&self.seen_services, s.uid(), s.resource_version()))
-            .count();
-        let slice_changes = slices
-            .iter()
-            .filter(|s| changed(&self.seen_slices, s.uid(), s.resource_version()))
-            .count();
-        for _ in 0..svc_changes {
-            self.metrics.service_changed();
-        }
-        for _ in 0..slice_changes {
-            self.metrics.endpoints_changed();
-        }
-        self.metrics.set_pending(slice_changes, svc_changes);
-        self.seen_services = services
-            .iter()
-            .filter_map(|s| Some((s.uid()?, s.resource_version().unwrap_or_default())))
-            .collect();
-    }
-
-    /// After a successful sync: how long each changed slice took from its
-    /// trigger time to the kernel.
-    fn observe_programming(&mut self, slices: &[Arc<EndpointSlice>]) {
-        let now = SystemTime::now();
-        let mut seen = HashMap::with_capacity(slices.len());
-        for s in slices {
-            let (Some(uid), rv) = (s.uid(), s.resource_version().unwrap_or_default()) else {
-                continue;
-            };
-            if self.seen_slices.get(&uid) != Some(&rv)
-                && let Some(trigger) = s.annotations().get(TRIGGER_TIME)
-            {
-                let family = match s.address_type.as_str() {
-                    "IPv6" => Family::V6,
-                    _ => Family::V4,
-                };
-                self.metrics
-                    .observe_trigger_time(family, self.started, trigger, now);
-            }
-            seen.insert(uid, rv);
-        }
-        self.seen_slices = seen;
-        self.metrics.set_pending(0, 0);
-    }
-
-    async fn warn_health_check(
-        &self,
-        services: &[Arc<Service>],
-        key: &health::ServiceKey,
-        error: &str,
-    ) {
-        let uid = services
-            .iter()
-            .find(|s| s.namespace().as_deref() == Some(&key.namespace) && s.name_any() == key.name)
-            .and_then(|s| s.uid());
+    async fn warn_health_check(&self, key: &health::ServiceKey, error: &str) {
+        let uid = self.cache.uid(key);
         let regarding = ferrolb_runtime::events::service_ref(&key.namespace, &key.name, uid);
         let note = format!(
             "could not start the health check server on node {}: {error}",
@@ -406,11 +375,6 @@ impl Proxy {
         }
     }
 
-    /// The rulesets the kernel holds now (for `--print-ruleset` and tests).
-    pub fn committed(&self) -> &BTreeMap<Family, Ruleset> {
-        &self.committed
-    }
-
     /// Removes our tables (on `--cleanup`).
     pub async fn cleanup(nft: &Nft, table: &str) -> Vec<String> {
         let mut errors = Vec::new();
@@ -421,67 +385,6 @@ impl Proxy {
         }
         errors
     }
-}
-
-/// The ruleset of every family for what the caches hold now.
-pub fn render_all(
-    settings: &Settings,
-    caches: &Caches,
-    node: &NodeFacts,
-) -> Vec<(Family, Rendered)> {
-    let services = caches.services.state();
-    let slices = caches.slices.state();
-    let ports: Vec<ServicePort> = services
-        .iter()
-        .flat_map(|s| model::service_ports(s))
-        .collect();
-    let cidrs: Vec<IpNet> = caches
-        .service_cidrs
-        .state()
-        .iter()
-        .flat_map(|c| {
-            c.spec
-                .as_ref()
-                .and_then(|s| s.cidrs.clone())
-                .unwrap_or_default()
-        })
-        .filter_map(|c| c.parse().ok())
-        .collect();
-    settings
-        .families
-        .iter()
-        .map(|family| {
-            let eps = model::endpoints(slices.iter().map(|s| s.as_ref()), *family, &node.name);
-            let rendered = render::render(
-                *family,
-                &settings.config,
-                &Inputs {
-                    ports: &ports,
-                    endpoints: &eps,
-                    node,
-                    service_cidrs: &cidrs,
-                },
-            );
-            (*family, rendered)
-        })
-        .collect()
-}
-
-/// Our Node's facts from the cache (just the name until it is there).
-pub fn node_facts(caches: &Caches, name: &str) -> (NodeFacts, Option<Arc<Node>>) {
-    let node = caches
-        .nodes
-        .state()
-        .into_iter()
-        .find(|n| n.name_any() == name);
-    let facts = node
-        .as_deref()
-        .map(NodeFacts::of)
-        .unwrap_or_else(|| NodeFacts {
-            name: name.to_string(),
-            ..Default::default()
-        });
-    (facts, node)
 }
 
 #[cfg(test)]

@@ -9,9 +9,12 @@ mod common;
 use std::process::Command;
 
 use common::{cluster_ip, ready, render, service, slice};
+use ferrolb_proxy::cache::Cache;
 use ferrolb_proxy::diff;
 use ferrolb_proxy::netlink::Nft;
+use ferrolb_proxy::programmed::{Context, Programmed};
 use ferrolb_proxy::ruleset::{Family, Ruleset};
+use kube::runtime::watcher::Event;
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -284,6 +287,53 @@ proptest! {
             prop_assert!(result.is_ok(), "{:?}\n{:?}", result, ops);
             prop_assert_eq!(listed_elements(&ns, "ip"), rs.element_count());
             committed = Some(rs);
+        }
+    }
+
+    /// The same through the proxy's own path: a cache fed watch events and
+    /// the per-Service updates of [`Programmed`], committed step by step.
+    #[test]
+    fn per_service_updates_are_accepted_by_the_kernel(steps in proptest::collection::vec(common::world(), 1..5)) {
+        let Some(ns) = Netns::new("upd") else { return Ok(()) };
+        let rt = runtime();
+        let _in = rt.enter();
+        let nft = Nft::open_in(&ns.path()).expect("netlink");
+        let cfg = common::config();
+        let node = common::node();
+        let cidrs: Vec<ipnet::IpNet> = vec!["198.18.64.0/18".parse().unwrap()];
+        let ctx = Context { cfg: &cfg, node: &node, service_cidrs: &cidrs };
+        let cache = Cache::new("node-1");
+        for e in [Event::Init, Event::InitDone] {
+            cache.service_event(e);
+        }
+        let mut table = Programmed::new(Family::V4);
+        let mut before: common::World = Vec::new();
+        for w in &steps {
+            let (old_services, old_slices) = common::objects(&before);
+            let (services, slices) = common::objects(w);
+            for s in old_services {
+                if !services.iter().any(|n| n.metadata.name == s.metadata.name) {
+                    cache.service_event(Event::Delete(s));
+                }
+            }
+            for s in old_slices {
+                if !slices.iter().any(|n| n.metadata.name == s.metadata.name) {
+                    cache.slice_event(Event::Delete(s));
+                }
+            }
+            for s in services {
+                cache.service_event(Event::Apply(s));
+            }
+            for s in slices {
+                cache.slice_event(Event::Apply(s));
+            }
+            let changes = cache.take();
+            let update = table.update(&ctx, &changes.services, || cache.all());
+            let shapes = table.scaffold().expect("built").clone();
+            let result = rt.block_on(nft.commit(&shapes, &update.ops));
+            prop_assert!(result.is_ok(), "{:?}\n{:?}", result, update.ops);
+            prop_assert_eq!(listed_elements(&ns, "ip"), table.size().1);
+            before = w.clone();
         }
     }
 }

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-
-use common::{cluster_ip, node, ready, render, render_with, service, slice};
+use common::{World, cluster_ip, node, objects, ready, render, render_with, service, slice, world};
 use ferrolb_proxy::diff::{self, Op};
 use ferrolb_proxy::ruleset::{Family, Ruleset};
 use proptest::prelude::*;
@@ -335,83 +333,7 @@ fn the_mark_bit_leaves_other_bits_alone() {
 
 // ---- properties: diff and apply ----
 
-/// A random cluster: Services with 1..4 ports and 0..6 endpoints each,
-/// some with policies and affinity.
-fn world() -> impl Strategy<Value = Vec<(u8, u8, u8, bool, bool, bool, bool)>> {
-    proptest::collection::vec(
-        (
-            0u8..12,
-            0u8..4,
-            0u8..7,
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-        ),
-        0..12,
-    )
-}
-
-fn objects(
-    w: &[(u8, u8, u8, bool, bool, bool, bool)],
-) -> (
-    Vec<k8s_openapi::api::core::v1::Service>,
-    Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
-) {
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (id, ports, eps, lb, local, affinity, udp) in w {
-        if !seen.insert(*id) {
-            continue;
-        }
-        let name = format!("s{id}");
-        let ip = format!("198.18.64.{}", 10 + id);
-        let proto = if *udp { "UDP" } else { "TCP" };
-        let port_list: Vec<serde_json::Value> = (0..=*ports)
-            .map(|p| json!({"name": format!("p{p}"), "port": 80 + u16::from(p), "protocol": proto, "nodePort": 30000 + u16::from(*id) * 10 + u16::from(p)}))
-            .collect();
-        let mut spec = json!({"type": if *lb {"LoadBalancer"} else {"NodePort"}, "clusterIP": ip, "clusterIPs": [ip], "ports": port_list});
-        if *local {
-            spec["externalTrafficPolicy"] = json!("Local");
-        }
-        if *affinity {
-            spec["sessionAffinity"] = json!("ClientIP");
-        }
-        let status = if *lb {
-            json!({"loadBalancer": {"ingress": [{"ip": format!("198.18.8.{id}")}]}})
-        } else {
-            json!({})
-        };
-        services.push(service("default", &name, spec, status));
-        for p in 0..=*ports {
-            let endpoints: Vec<(String, &str)> = (0..*eps)
-                .map(|e| {
-                    (
-                        format!("198.19.{}.{}", 1 + e % 2, 10 + e),
-                        if e % 2 == 0 { "node-1" } else { "node-2" },
-                    )
-                })
-                .collect();
-            let list: Vec<common::Ep<'_>> = endpoints
-                .iter()
-                .map(|(a, n)| (a.as_str(), *n, true, true, false))
-                .collect();
-            let mut s = slice(
-                "default",
-                &name,
-                "IPv4",
-                (&format!("p{p}"), 8080 + u16::from(p), proto),
-                &list,
-            );
-            s.metadata.name = Some(format!("{name}-p{p}"));
-            slices.push(s);
-        }
-    }
-    (services, slices)
-}
-
-fn rendered(w: &[(u8, u8, u8, bool, bool, bool, bool)]) -> Ruleset {
+fn rendered(w: &World) -> Ruleset {
     let (services, slices) = objects(w);
     render(Family::V4, &services, &slices).ruleset
 }

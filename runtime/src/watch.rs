@@ -1,5 +1,6 @@
 //! Watch caches (kube-runtime reflectors) whose first full list opens a
-//! readiness gate.
+//! readiness gate, and raw event watches for components that keep their
+//! own, smaller views of each object.
 
 use std::fmt::Debug;
 
@@ -78,5 +79,52 @@ impl Runtime {
             tracing::warn!(resource = what, "watch stream ended");
         });
         reader
+    }
+
+    /// Like [`Runtime::watch_with`], without a cache: every event goes to
+    /// `apply` as it arrives, so a component can keep only the part of each
+    /// object it reads and drop the rest at once. A (re)list arrives as
+    /// `Init`, `InitApply`..., `InitDone`: objects not listed again are gone.
+    pub fn watch_events<K, F>(
+        &mut self,
+        api: Api<K>,
+        config: watcher::Config,
+        what: &'static str,
+        mut apply: F,
+    ) where
+        K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+        F: FnMut(watcher::Event<K>) + Send + 'static,
+    {
+        let gate = self.readiness.gate(what);
+        let stream = watcher(api, config).default_backoff();
+        let changes = self.changes.clone();
+        self.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut synced = false;
+            let mut listed = 0usize;
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let done = matches!(event, watcher::Event::InitDone);
+                        match &event {
+                            watcher::Event::Init => listed = 0,
+                            watcher::Event::InitApply(_) => listed += 1,
+                            _ => {}
+                        }
+                        apply(event);
+                        if done && !synced {
+                            synced = true;
+                            gate.open();
+                            tracing::info!(resource = what, objects = listed, "watch listed");
+                        }
+                        changes.notify_one();
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, resource = what, "watch failed; retrying with backoff")
+                    }
+                }
+            }
+            tracing::warn!(resource = what, "watch stream ended");
+        });
     }
 }

@@ -9,9 +9,9 @@ say() { printf '[test] %s\n' "$*" >&2; }
 tests/scripts/prereqs.sh
 
 # A full disk shows up as linker crashes or a lab that cannot start etcd, far
-# from the cause; say it first. A cold build takes about 4 GiB under target/.
+# from the cause; say it first. A cold build takes about 2 GiB under target/.
 free_kib=$(df -Pk "$(dirname "${CARGO_TARGET_DIR:-./target}")" | awk 'NR==2 {print $4}')
-say "$((free_kib / 1024 / 1024)) GiB free for target/ (a cold build needs about 4 GiB)"
+say "$((free_kib / 1024 / 1024)) GiB free for target/ (a cold build needs about 3 GiB)"
 if [ "$free_kib" -lt $((2 * 1024 * 1024)) ]; then
   say "warning: under 2 GiB free; the build or the lab's etcd may fail with 'No space left on device'"
 fi

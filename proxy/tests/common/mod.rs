@@ -2,11 +2,14 @@
 //! render, shared by the proxy's tests.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
+
 use ferrolb_proxy::model::{self, NodeFacts, NodePortAddresses, ServicePort};
 use ferrolb_proxy::render::{self, Config, Inputs, Rendered};
 use ferrolb_proxy::ruleset::Family;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use proptest::prelude::*;
 use serde_json::{Value, json};
 
 pub fn config() -> Config {
@@ -114,4 +117,89 @@ pub fn render_with(
 
 pub fn render(family: Family, services: &[Service], slices: &[EndpointSlice]) -> Rendered {
     render_with(&config(), family, services, slices)
+}
+
+/// A cluster for property tests: per Service (id, extra ports, endpoints,
+/// LoadBalancer, eTP Local, affinity, UDP).
+pub type World = Vec<(u8, u8, u8, bool, bool, bool, bool)>;
+
+/// A random cluster: Services with 1..4 ports and 0..6 endpoints each,
+/// some with policies and affinity.
+pub fn world() -> impl Strategy<Value = World> {
+    proptest::collection::vec(
+        (
+            0u8..12,
+            0u8..4,
+            0u8..7,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        0..12,
+    )
+}
+
+pub fn objects(
+    w: &World,
+) -> (
+    Vec<k8s_openapi::api::core::v1::Service>,
+    Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+) {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (id, ports, eps, lb, local, affinity, udp) in w {
+        if !seen.insert(*id) {
+            continue;
+        }
+        let name = format!("s{id}");
+        let ip = format!("198.18.64.{}", 10 + id);
+        let proto = if *udp { "UDP" } else { "TCP" };
+        let port_list: Vec<serde_json::Value> = (0..=*ports)
+            .map(|p| json!({"name": format!("p{p}"), "port": 80 + u16::from(p), "protocol": proto, "nodePort": 30000 + u16::from(*id) * 10 + u16::from(p)}))
+            .collect();
+        let mut spec = json!({"type": if *lb {"LoadBalancer"} else {"NodePort"}, "clusterIP": ip, "clusterIPs": [ip], "ports": port_list});
+        if *local {
+            spec["externalTrafficPolicy"] = json!("Local");
+        }
+        if *affinity {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        // Every third Service claims the same external IP: the same
+        // frontends, claimed twice.
+        if id % 3 == 0 {
+            spec["externalIPs"] = json!(["198.18.9.1"]);
+        }
+        let status = if *lb {
+            json!({"loadBalancer": {"ingress": [{"ip": format!("198.18.8.{id}")}]}})
+        } else {
+            json!({})
+        };
+        services.push(service("default", &name, spec, status));
+        for p in 0..=*ports {
+            let endpoints: Vec<(String, &str)> = (0..*eps)
+                .map(|e| {
+                    (
+                        format!("198.19.{}.{}", 1 + e % 2, 10 + e),
+                        if e % 2 == 0 { "node-1" } else { "node-2" },
+                    )
+                })
+                .collect();
+            let list: Vec<Ep<'_>> = endpoints
+                .iter()
+                .map(|(a, n)| (a.as_str(), *n, true, true, false))
+                .collect();
+            let mut s = slice(
+                "default",
+                &name,
+                "IPv4",
+                (&format!("p{p}"), 8080 + u16::from(p), proto),
+                &list,
+            );
+            s.metadata.name = Some(format!("{name}-p{p}"));
+            slices.push(s);
+        }
+    }
+    (services, slices)
 }

@@ -1,0 +1,567 @@
+//! What our table of one family holds, kept by owner so that a change to
+//! one Service costs work in proportion to that Service, not to the
+//! cluster: [`Programmed::update`] renders only the changed Services (before
+//! and after), turns the difference into operations, and records the new
+//! state. Pure; the sync loop sends the operations and, when the kernel
+//! refuses them, calls [`Programmed::forget`] so the next pass rebuilds.
+//!
+//! Ownership: each frontend (`address . protocol . port`, or a NodePort)
+//! belongs to the Service with the lowest key among those that claim it;
+//! the others' elements for it wait until it is free. Plain-set members
+//! several Services need (ClusterIPs, hairpin pairs) and the pick chains
+//! are counted. Affinity sets and chains are named per Service. The
+//! scaffold is small and diffed whole.
+//!
+//! The operations of an update, applied to what [`Programmed::full`]
+//! produced before, give exactly what `full` produces for the new state
+//! (tests/incremental.rs proves it on random clusters).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::cache::ServiceInputs;
+use crate::conntrack::UdpService;
+use crate::diff::{self, Op};
+use crate::model::{NodeFacts, ServiceKey};
+use crate::render::{
+    self, Assembly, Config, Elements, Fragment, Front, HealthCheck, Pick, Rendered,
+};
+use crate::ruleset::{Chain, Data, Family, Ruleset, Set, Value};
+
+/// The facts every Service's rendering shares.
+pub struct Context<'a> {
+    pub cfg: &'a Config,
+    pub node: &'a NodeFacts,
+    pub service_cidrs: &'a [IpNet],
+}
+
+/// What one update asks of the kernel and of the shell.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub ops: Vec<Op>,
+    /// A rebuild of the whole table (the first, or after a failure).
+    pub full: bool,
+    /// Why a rebuild that had to happen for a reason happened (metrics).
+    pub reason: Option<&'static str>,
+    /// UDP Service ports whose endpoints may have changed, for conntrack
+    /// cleanup (every one after a full build).
+    pub udp: Vec<UdpService>,
+}
+
+#[derive(Debug)]
+struct State {
+    scaffold: Ruleset,
+    services: HashMap<ServiceKey, Arc<ServiceInputs>>,
+    /// Claimants of each frontend, lowest key (the owner) first.
+    fronts: HashMap<Front, Vec<ServiceKey>>,
+    shared: HashMap<Member, u32>,
+    picks: HashMap<Pick, u32>,
+    health: BTreeMap<ServiceKey, HealthCheck>,
+    no_local: HashMap<ServiceKey, (usize, usize)>,
+    no_local_total: (usize, usize),
+    elements: usize,
+    chains: usize,
+}
+
+/// The table of one family, as we last programmed it.
+#[derive(Debug)]
+pub struct Programmed {
+    family: Family,
+    state: Option<State>,
+}
+
+impl Programmed {
+    pub fn new(family: Family) -> Self {
+        Self {
+            family,
+            state: None,
+        }
+    }
+
+    /// True once a full build was taken and nothing failed since.
+    pub fn is_built(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// The kernel's state is unknown: the next update rebuilds.
+    pub fn forget(&mut self) {
+        self.state = None;
+    }
+
+    /// The whole table for `all` (sorted by key or not): replaces whatever
+    /// the kernel holds.
+    pub fn full(
+        &mut self,
+        ctx: &Context<'_>,
+        all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
+    ) -> Update {
+        let scaffold = render::scaffold(self.family, ctx.cfg, ctx.node, ctx.service_cidrs);
+        let mut state = State {
+            scaffold: scaffold.clone(),
+            services: HashMap::new(),
+            fronts: HashMap::new(),
+            shared: HashMap::new(),
+            picks: HashMap::new(),
+            health: BTreeMap::new(),
+            no_local: HashMap::new(),
+            no_local_total: (0, 0),
+            elements: 0,
+            chains: 0,
+        };
+        let rendered = build(self.family, ctx, scaffold, all, |key, frag, inputs| {
+            state.claim(key, frag);
+            state.services.insert(key.clone(), inputs);
+        });
+        state.elements = rendered.ruleset.element_count();
+        state.chains = rendered.ruleset.chains.len() - state.scaffold.chains.len();
+        let udp = rendered.udp;
+        self.state = Some(state);
+        Update {
+            ops: diff::full_owned(rendered.ruleset),
+            full: true,
+            reason: None,
+            udp,
+        }
+    }
+
+    /// The operations for `changed` (each Service with what it is now,
+    /// `None` when gone) and a possibly new scaffold; a full build when
+    /// nothing was built yet or the scaffold changed shape.
+    pub fn update(
+        &mut self,
+        ctx: &Context<'_>,
+        changed: &[(ServiceKey, Option<Arc<ServiceInputs>>)],
+        all: impl FnOnce() -> Vec<(ServiceKey, Arc<ServiceInputs>)>,
+    ) -> Update {
+        let family = self.family;
+        let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+        let Some(state) = self.state.as_mut() else {
+            return self.full(ctx, all());
+        };
+        let Some(mut ops) = diff::diff(&state.scaffold, &scaffold) else {
+            return Update {
+                reason: Some("layout-changed"),
+                ..self.full(ctx, all())
+            };
+        };
+        state.elements = (state.elements + scaffold.element_count())
+            .saturating_sub(state.scaffold.element_count());
+        state.scaffold = scaffold;
+        let mut delta = Delta::default();
+        let mut udp = Vec::new();
+        for (key, now) in changed {
+            let old = state.services.get(key).map(|i| fragment(family, ctx, i));
+            let new = now.as_ref().map(|i| fragment(family, ctx, i));
+            if old == new && now.is_some() == state.services.contains_key(key) {
+                if let Some(i) = now {
+                    state.services.insert(key.clone(), i.clone());
+                }
+                continue;
+            }
+            let old = old.unwrap_or_default();
+            let new = new.unwrap_or_default();
+            udp.extend(new.udp.iter().cloned());
+            // Frontends first: who owns each before and after.
+            let fronts: Vec<Front> = {
+                let mut f: Vec<Front> = old
+                    .fronts
+                    .keys()
+                    .chain(new.fronts.keys())
+                    .copied()
+                    .collect();
+                f.sort();
+                f.dedup();
+                f
+            };
+            for front in fronts {
+                let before_owner = state.owner(&front);
+                state.reclaim(key, front, new.fronts.contains_key(&front));
+                let after_owner = state.owner(&front);
+                let empty = Elements::new();
+                let elements_of = |owner: &Option<ServiceKey>, mine: &Fragment| -> Elements {
+                    match owner {
+                        None => empty.clone(),
+                        Some(o) if o == key => mine.fronts.get(&front).cloned().unwrap_or_default(),
+                        Some(o) => state
+                            .services
+                            .get(o)
+                            .and_then(|i| fragment(family, ctx, i).fronts.remove(&front))
+                            .unwrap_or_default(),
+                    }
+                };
+                if before_owner == after_owner && before_owner.as_ref() != Some(key) {
+                    continue;
+                }
+                let before = elements_of(&before_owner, &old);
+                let after = elements_of(&after_owner, &new);
+                delta.elements(&before, &after);
+            }
+            for k in old.shared.difference(&new.shared) {
+                if state.release(k) {
+                    delta.element(k.0, k.1.clone(), Some(None), None);
+                }
+            }
+            for k in new.shared.difference(&old.shared) {
+                if state.take(k) {
+                    delta.element(k.0, k.1.clone(), None, Some(None));
+                }
+            }
+            for p in old.picks.difference(&new.picks) {
+                if state.unpick(*p) {
+                    delta.chain(p.name(), Some(p.chain()), None);
+                }
+            }
+            for p in new.picks.difference(&old.picks) {
+                if state.pick(*p) {
+                    delta.chain(p.name(), None, Some(p.chain()));
+                }
+            }
+            for (name, c) in &old.chains {
+                delta.chain(name.clone(), Some(c.clone()), new.chains.get(name).cloned());
+            }
+            for (name, c) in new
+                .chains
+                .iter()
+                .filter(|(n, _)| !old.chains.contains_key(*n))
+            {
+                delta.chain(name.clone(), None, Some(c.clone()));
+            }
+            for (name, s) in &old.sets {
+                delta.set(name.clone(), Some(s.clone()), new.sets.get(name).cloned());
+            }
+            for (name, s) in new.sets.iter().filter(|(n, _)| !old.sets.contains_key(*n)) {
+                delta.set(name.clone(), None, Some(s.clone()));
+            }
+            match new.health {
+                Some(h) => state.health.insert(key.clone(), h),
+                None => state.health.remove(key),
+            };
+            state.set_no_local(key, (new.no_local_internal, new.no_local_external));
+            match now {
+                Some(i) => state.services.insert(key.clone(), i.clone()),
+                None => state.services.remove(key),
+            };
+        }
+        let (more, elements, chains) = delta.into_ops();
+        state.elements = state.elements.saturating_add_signed(elements);
+        state.chains = state.chains.saturating_add_signed(chains);
+        ops.extend(more);
+        Update {
+            ops: diff::ordered(ops),
+            full: false,
+            reason: None,
+            udp,
+        }
+    }
+
+    /// The scaffold last built: the definitions of the sets the operations
+    /// fill.
+    pub fn scaffold(&self) -> Option<&Ruleset> {
+        self.state.as_ref().map(|s| &s.scaffold)
+    }
+
+    /// Health-check ports and their local endpoints, per Service.
+    pub fn health(&self) -> BTreeMap<ServiceKey, HealthCheck> {
+        self.state
+            .as_ref()
+            .map(|s| s.health.clone())
+            .unwrap_or_default()
+    }
+
+    /// Service ports with a Local policy and endpoints, none of them here:
+    /// (internal, external).
+    pub fn no_local(&self) -> (usize, usize) {
+        self.state.as_ref().map_or((0, 0), |s| s.no_local_total)
+    }
+
+    /// (chains, elements) of the table, for the ruleset-size metrics.
+    pub fn size(&self) -> (usize, usize) {
+        self.state
+            .as_ref()
+            .map_or((0, 0), |s| (s.chains + s.scaffold.chains.len(), s.elements))
+    }
+
+    /// The whole table as a value (for `--print-ruleset` and tests).
+    pub fn ruleset(&self, ctx: &Context<'_>) -> Option<Ruleset> {
+        let state = self.state.as_ref()?;
+        let mut keys: Vec<&ServiceKey> = state.services.keys().collect();
+        keys.sort();
+        let mut assembly = Assembly::new(state.scaffold.clone());
+        for k in keys {
+            assembly.add(k, fragment(self.family, ctx, &state.services[k]));
+        }
+        Some(assembly.finish().ruleset)
+    }
+}
+
+/// The whole table of `family` for `all`, as a value (`--print-ruleset`).
+pub fn assemble(
+    family: Family,
+    ctx: &Context<'_>,
+    all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
+) -> Rendered {
+    let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+    build(family, ctx, scaffold, all, |_, _, _| {})
+}
+
+/// Adds every Service's fragment to `scaffold` in key order, showing each
+/// to `seen` on the way.
+fn build(
+    family: Family,
+    ctx: &Context<'_>,
+    scaffold: Ruleset,
+    mut all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
+    mut seen: impl FnMut(&ServiceKey, &Fragment, Arc<ServiceInputs>),
+) -> Rendered {
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut assembly = Assembly::new(scaffold);
+    for (key, inputs) in all {
+        let frag = fragment(family, ctx, &inputs);
+        seen(&key, &frag, inputs);
+        assembly.add(&key, frag);
+    }
+    assembly.finish()
+}
+
+/// What `inputs` add to `family`'s table.
+fn fragment(family: Family, ctx: &Context<'_>, inputs: &ServiceInputs) -> Fragment {
+    render::service(
+        family,
+        ctx.cfg,
+        ctx.node,
+        &inputs.ports,
+        Some(inputs.endpoints(family)),
+    )
+}
+
+impl State {
+    fn owner(&self, front: &Front) -> Option<ServiceKey> {
+        self.fronts.get(front).and_then(|c| c.first().cloned())
+    }
+
+    /// Records the claims of a fragment during a full build.
+    fn claim(&mut self, key: &ServiceKey, frag: &Fragment) {
+        for front in frag.fronts.keys() {
+            self.reclaim(key, *front, true);
+        }
+        for k in &frag.shared {
+            self.take(k);
+        }
+        for p in &frag.picks {
+            self.pick(*p);
+        }
+        if let Some(h) = frag.health {
+            self.health.insert(key.clone(), h);
+        }
+        self.set_no_local(key, (frag.no_local_internal, frag.no_local_external));
+    }
+
+    /// `key` claims `front` (or stops claiming it).
+    fn reclaim(&mut self, key: &ServiceKey, front: Front, claims: bool) {
+        let list = self.fronts.entry(front).or_default();
+        match (list.binary_search(key), claims) {
+            (Err(at), true) => list.insert(at, key.clone()),
+            (Ok(at), false) => {
+                list.remove(at);
+            }
+            _ => {}
+        }
+        if list.is_empty() {
+            self.fronts.remove(&front);
+        }
+    }
+
+    /// One more user; true when it is the first.
+    fn take(&mut self, k: &Member) -> bool {
+        let n = self.shared.entry(k.clone()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// One user fewer; true when it was the last.
+    fn release(&mut self, k: &Member) -> bool {
+        match self.shared.get_mut(k) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.shared.remove(k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn pick(&mut self, p: Pick) -> bool {
+        let n = self.picks.entry(p).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    fn unpick(&mut self, p: Pick) -> bool {
+        match self.picks.get_mut(&p) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.picks.remove(&p);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn set_no_local(&mut self, key: &ServiceKey, now: (usize, usize)) {
+        let before = if now == (0, 0) {
+            self.no_local.remove(key)
+        } else {
+            self.no_local.insert(key.clone(), now)
+        }
+        .unwrap_or((0, 0));
+        // The total includes `before`: it cannot go below zero.
+        let t = &mut self.no_local_total;
+        t.0 = t.0 + now.0 - before.0;
+        t.1 = t.1 + now.1 - before.1;
+    }
+}
+
+/// An element of one of our sets: `(set, key)`.
+type Member = (&'static str, Vec<Value>);
+/// Whether an element is there, and with what data.
+type Presence = Option<Option<Data>>;
+/// A key and its data.
+type Element = (Vec<Value>, Option<Data>);
+
+/// Net changes of one update: what each touched element, chain and set was
+/// before the update (first sight) and is after it (last sight).
+#[derive(Debug, Default)]
+struct Delta {
+    elements: HashMap<Member, (Presence, Presence)>,
+    chains: HashMap<String, (Option<Chain>, Option<Chain>)>,
+    sets: HashMap<String, (Option<Set>, Option<Set>)>,
+}
+
+impl Delta {
+    fn element(&mut self, set: &'static str, key: Vec<Value>, before: Presence, after: Presence) {
+        self.elements
+            .entry((set, key))
+            .and_modify(|e| e.1 = after.clone())
+            .or_insert((before, after));
+    }
+
+    fn elements(&mut self, before: &Elements, after: &Elements) {
+        for ((set, k), d) in before {
+            let now = after.get(&(*set, k.clone()));
+            if now != Some(d) {
+                self.element(set, k.clone(), Some(d.clone()), now.cloned());
+            }
+        }
+        for ((set, k), d) in after {
+            if !before.contains_key(&(*set, k.clone())) {
+                self.element(set, k.clone(), None, Some(d.clone()));
+            }
+        }
+    }
+
+    fn chain(&mut self, name: String, before: Option<Chain>, after: Option<Chain>) {
+        self.chains
+            .entry(name)
+            .and_modify(|e| e.1 = after.clone())
+            .or_insert((before, after));
+    }
+
+    fn set(&mut self, name: String, before: Option<Set>, after: Option<Set>) {
+        self.sets
+            .entry(name)
+            .and_modify(|e| e.1 = after.clone())
+            .or_insert((before, after));
+    }
+
+    /// The operations, and the change in the number of elements and chains.
+    fn into_ops(self) -> (Vec<Op>, isize, isize) {
+        let mut ops = Vec::new();
+        let mut sets: Vec<_> = self.sets.into_iter().filter(|(_, (b, a))| b != a).collect();
+        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, (before, after)) in &sets {
+            match (before, after) {
+                (None, Some(set)) => ops.push(Op::AddSet {
+                    name: name.clone(),
+                    set: set.clone(),
+                }),
+                (Some(_), None) => ops.push(Op::DeleteSet(name.clone())),
+                // Names carry what defines a set: the same name is the same set.
+                _ => {}
+            }
+        }
+        let mut chains: Vec<_> = self
+            .chains
+            .into_iter()
+            .filter(|(_, (b, a))| b != a)
+            .collect();
+        chains.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut chain_delta = 0isize;
+        for (name, (before, after)) in chains {
+            match (before, after) {
+                (None, Some(c)) => {
+                    chain_delta += 1;
+                    ops.push(Op::AddChain {
+                        name: name.clone(),
+                        base: c.base,
+                    });
+                    ops.extend(c.rules.into_iter().map(|rule| Op::AddRule {
+                        chain: name.clone(),
+                        rule,
+                    }));
+                }
+                (Some(_), Some(c)) => {
+                    ops.push(Op::FlushChain(name.clone()));
+                    ops.extend(c.rules.into_iter().map(|rule| Op::AddRule {
+                        chain: name.clone(),
+                        rule,
+                    }));
+                }
+                (Some(_), None) => {
+                    chain_delta -= 1;
+                    ops.push(Op::FlushChain(name.clone()));
+                    ops.push(Op::DeleteChain(name));
+                }
+                (None, None) => {}
+            }
+        }
+        let mut gone: BTreeMap<&'static str, Vec<Vec<Value>>> = BTreeMap::new();
+        let mut added: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
+        let mut element_delta = 0isize;
+        for ((set, key), (before, after)) in self.elements {
+            if before == after {
+                continue;
+            }
+            if before.is_some() {
+                element_delta -= 1;
+                gone.entry(set).or_default().push(key.clone());
+            }
+            if let Some(data) = after {
+                element_delta += 1;
+                added.entry(set).or_default().push((key, data));
+            }
+        }
+        for (set, mut keys) in gone {
+            keys.sort();
+            ops.push(Op::DeleteElements {
+                set: set.into(),
+                keys,
+            });
+        }
+        for (set, mut elements) in added {
+            elements.sort();
+            ops.push(Op::AddElements {
+                set: set.into(),
+                elements,
+            });
+        }
+        (ops, element_delta, chain_delta)
+    }
+}

@@ -1,0 +1,182 @@
+//! Partial updates against full builds: whatever changes between two
+//! random clusters, the operations of one update, played on the table the
+//! first cluster's full build made, give exactly the second cluster's full
+//! build; and an update with nothing changed sends nothing.
+
+mod common;
+
+use common::{World, config, node, objects, world};
+use ferrolb_proxy::cache::Cache;
+use ferrolb_proxy::diff::{self, Op};
+use ferrolb_proxy::programmed::{self, Context, Programmed};
+use ferrolb_proxy::ruleset::{Family, Ruleset};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn cidrs() -> Vec<ipnet::IpNet> {
+    vec![
+        "198.18.64.0/18".parse().unwrap(),
+        "2001:db8:2::/112".parse().unwrap(),
+    ]
+}
+
+fn node_object() -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": "node-1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.11"},
+                                 {"type": "InternalIP", "address": "2001:db8::11"}]},
+    }))
+    .unwrap()
+}
+
+/// A cache fed `w` through list events, as a proxy starting up sees it.
+fn listed(w: &World) -> Cache {
+    let cache = Cache::new("node-1");
+    let (services, slices) = objects(w);
+    cache.service_event(Event::Init);
+    for s in services {
+        cache.service_event(Event::InitApply(s));
+    }
+    cache.service_event(Event::InitDone);
+    cache.slice_event(Event::Init);
+    for s in slices {
+        cache.slice_event(Event::InitApply(s));
+    }
+    cache.slice_event(Event::InitDone);
+    cache.node_event(Event::Apply(node_object()));
+    cache
+}
+
+/// Turns what `cache` holds from `a` into `b` with watch events: objects of
+/// `b` applied, those only in `a` deleted.
+fn change(cache: &Cache, a: &World, b: &World) {
+    let (sa, la) = objects(a);
+    let (sb, lb) = objects(b);
+    let svc_names: Vec<Option<String>> = sb.iter().map(|s| s.metadata.name.clone()).collect();
+    let slice_names: Vec<Option<String>> = lb.iter().map(|s| s.metadata.name.clone()).collect();
+    for s in sa
+        .into_iter()
+        .filter(|s| !svc_names.contains(&s.metadata.name))
+    {
+        cache.service_event(Event::<Service>::Delete(s));
+    }
+    for s in la
+        .into_iter()
+        .filter(|s| !slice_names.contains(&s.metadata.name))
+    {
+        cache.slice_event(Event::<EndpointSlice>::Delete(s));
+    }
+    for s in sb {
+        cache.service_event(Event::Apply(s));
+    }
+    for s in lb {
+        cache.slice_event(Event::Apply(s));
+    }
+}
+
+fn full_table(w: &World) -> Ruleset {
+    let cache = listed(w);
+    let cfg = config();
+    let (n, c) = (node(), cidrs());
+    let ctx = Context {
+        cfg: &cfg,
+        node: &n,
+        service_cidrs: &c,
+    };
+    programmed::assemble(Family::V4, &ctx, cache.all()).ruleset
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn an_update_reaches_what_a_full_build_makes(a in world(), b in world()) {
+        let cfg = config();
+        let (n, c) = (node(), cidrs());
+        let ctx = Context { cfg: &cfg, node: &n, service_cidrs: &c };
+        let cache = listed(&a);
+        let _ = cache.take();
+        let mut table = Programmed::new(Family::V4);
+        let first = table.full(&ctx, cache.all());
+        let mut live = Ruleset::new(Family::V4, "ferrolb-proxy");
+        diff::apply(&mut live, &first.ops);
+        prop_assert_eq!(&live, &full_table(&a));
+
+        change(&cache, &a, &b);
+        let changes = cache.take();
+        let update = table.update(&ctx, &changes.services, || cache.all());
+        prop_assert!(!update.full);
+        prop_assert!(!update.ops.iter().any(|o| matches!(o, Op::ReplaceTable)));
+        diff::apply(&mut live, &update.ops);
+        prop_assert_eq!(&live, &full_table(&b));
+        prop_assert_eq!(Some(live.clone()), table.ruleset(&ctx));
+        prop_assert_eq!(table.size().1, live.element_count());
+
+        // Nothing changed: nothing to send.
+        change(&cache, &b, &b);
+        let again = cache.take();
+        let idle = table.update(&ctx, &again.services, || cache.all());
+        prop_assert!(idle.ops.is_empty(), "{:?}", idle.ops);
+    }
+
+    #[test]
+    fn one_service_more_touches_only_its_own_elements(a in world()) {
+        let cfg = config();
+        let (n, c) = (node(), cidrs());
+        let ctx = Context { cfg: &cfg, node: &n, service_cidrs: &c };
+        let cache = listed(&a);
+        let _ = cache.take();
+        let mut table = Programmed::new(Family::V4);
+        let _ = table.full(&ctx, cache.all());
+        let mut more = a.clone();
+        more.push((200, 0, 2, false, false, false, false));
+        change(&cache, &a, &more);
+        // (Objects carry no resource versions here, so every one is
+        // re-rendered; only the new Service's differ.)
+        let changes = cache.take();
+        let update = table.update(&ctx, &changes.services, || cache.all());
+        prop_assert!(diff::element_changes(&update.ops) <= 12, "{:?}", update.ops);
+    }
+}
+
+#[test]
+fn a_shared_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
+    let cfg = config();
+    let (n, c) = (node(), cidrs());
+    let ctx = Context {
+        cfg: &cfg,
+        node: &n,
+        service_cidrs: &c,
+    };
+    // s0 and s3 both claim 198.18.9.1:80; s0 (the lower key) owns it.
+    let both: World = vec![
+        (0, 0, 1, false, false, false, false),
+        (3, 0, 2, false, false, false, false),
+    ];
+    let only: World = vec![(3, 0, 2, false, false, false, false)];
+    let cache = listed(&both);
+    let _ = cache.take();
+    let mut table = Programmed::new(Family::V4);
+    let first = table.full(&ctx, cache.all());
+    let mut live = Ruleset::new(Family::V4, "ferrolb-proxy");
+    diff::apply(&mut live, &first.ops);
+    let text = live.to_nft();
+    assert!(
+        text.contains("198.18.9.1 . tcp . 80 : goto pick-1"),
+        "{text}"
+    );
+
+    change(&cache, &both, &only);
+    let changes = cache.take();
+    let update = table.update(&ctx, &changes.services, || cache.all());
+    diff::apply(&mut live, &update.ops);
+    let text = live.to_nft();
+    assert!(
+        text.contains("198.18.9.1 . tcp . 80 : goto pick-2"),
+        "{text}"
+    );
+    assert_eq!(live, full_table(&only));
+}
