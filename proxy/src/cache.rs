@@ -28,15 +28,17 @@ use crate::sync::TRIGGER_TIME;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceInputs {
     pub ports: Vec<ServicePort>,
-    pub v4: PortEndpoints,
-    pub v6: PortEndpoints,
+    /// The endpoints of each family: one slice's own when it has one (most
+    /// Services), so nothing is copied.
+    pub v4: Arc<PortEndpoints>,
+    pub v6: Arc<PortEndpoints>,
 }
 
 impl ServiceInputs {
     pub fn endpoints(&self, family: Family) -> &PortEndpoints {
         match family {
-            Family::V4 => &self.v4,
-            Family::V6 => &self.v6,
+            Family::V4 => self.v4.as_ref(),
+            Family::V6 => self.v6.as_ref(),
         }
     }
 }
@@ -60,8 +62,9 @@ struct ServiceEntry {
 #[derive(Debug)]
 struct SliceEntry {
     version: Option<String>,
-    /// The Service it names and the endpoints it gives, when it counts.
-    gives: Option<(ServiceKey, Family, PortEndpoints)>,
+    /// The Service it names and the endpoints it gives (merged, as if it
+    /// were the Service's only slice), when it counts.
+    gives: Option<(ServiceKey, Family, Arc<PortEndpoints>)>,
 }
 
 /// A slice's `namespace/name`.
@@ -99,8 +102,8 @@ struct State {
 /// What changed since the last [`Cache::take`].
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Each dirty Service with what it is now (`None`: gone).
-    pub services: Vec<(ServiceKey, Option<Arc<ServiceInputs>>)>,
+    /// The Services that changed (their inputs: [`Cache::inputs`]).
+    pub services: Vec<ServiceKey>,
     /// The node's facts changed: rebuild.
     pub node_changed: bool,
     pub service_changes: usize,
@@ -171,14 +174,8 @@ impl Cache {
     /// Takes what changed since the last call.
     pub fn take(&self) -> Changes {
         let mut s = self.lock();
-        let dirty: Vec<ServiceKey> = s.dirty.drain().collect();
-        let services = dirty
-            .into_iter()
-            .map(|k| {
-                let inputs = s.inputs(&k).map(Arc::new);
-                (k, inputs)
-            })
-            .collect();
+        let mut services: Vec<ServiceKey> = s.dirty.drain().collect();
+        services.sort();
         Changes {
             services,
             node_changed: std::mem::take(&mut s.node_changed),
@@ -186,6 +183,20 @@ impl Cache {
             slice_changes: std::mem::take(&mut s.slice_changes),
             triggers: std::mem::take(&mut s.triggers),
         }
+    }
+
+    /// What Service `key` is now; `None` when gone (or without a port we
+    /// proxy).
+    pub fn inputs(&self, key: &ServiceKey) -> Option<Arc<ServiceInputs>> {
+        self.lock().inputs(key).map(Arc::new)
+    }
+
+    /// Each of `keys` with what it is now, for a partial update.
+    pub fn inputs_of(&self, keys: &[ServiceKey]) -> Vec<(ServiceKey, Option<Arc<ServiceInputs>>)> {
+        let s = self.lock();
+        keys.iter()
+            .map(|k| (k.clone(), s.inputs(k).map(Arc::new)))
+            .collect()
     }
 
     /// Every Service the cache knows, for a full build.
@@ -200,7 +211,7 @@ impl Cache {
     /// Changes a failed sync could not program: they wait for the next.
     pub fn restore(&self, changes: Changes) {
         let mut s = self.lock();
-        s.dirty.extend(changes.services.into_iter().map(|(k, _)| k));
+        s.dirty.extend(changes.services);
         s.node_changed |= changes.node_changed;
         s.triggers.extend(changes.triggers);
     }
@@ -332,7 +343,8 @@ impl State {
             return;
         }
         let gives = [Family::V4, Family::V6].into_iter().find_map(|f| {
-            model::slice_endpoints(&slice, f, &self.node_name).map(|(svc, eps)| (svc, f, eps))
+            model::slice_endpoints(&slice, f, &self.node_name)
+                .map(|(svc, eps)| (svc, f, Arc::new(model::merge([&eps]))))
         });
         if let (Some((_, family, _)), Some(trigger)) =
             (&gives, slice.annotations().get(TRIGGER_TIME))
@@ -420,7 +432,7 @@ impl State {
         if entry.ports.is_empty() {
             return None;
         }
-        let mut by_family: [Vec<&PortEndpoints>; 2] = [Vec::new(), Vec::new()];
+        let mut by_family: [Vec<&Arc<PortEndpoints>>; 2] = [Vec::new(), Vec::new()];
         for sk in self.slices_of.get(key).into_iter().flatten() {
             if let Some(SliceEntry {
                 gives: Some((_, family, eps)),
@@ -430,11 +442,16 @@ impl State {
                 by_family[usize::from(*family == Family::V6)].push(eps);
             }
         }
+        let merged = |parts: Vec<&Arc<PortEndpoints>>| match parts.as_slice() {
+            [] => Arc::default(),
+            [one] => Arc::clone(one),
+            many => Arc::new(model::merge(many.iter().map(|p| p.as_ref()))),
+        };
         let [v4, v6] = by_family;
         Some(ServiceInputs {
             ports: entry.ports.clone(),
-            v4: model::merge(v4),
-            v6: model::merge(v6),
+            v4: merged(v4),
+            v6: merged(v6),
         })
     }
 }
@@ -482,25 +499,23 @@ mod tests {
         c.service_event(Event::Apply(svc("b", "1")));
         c.slice_event(Event::Apply(slice("a-1", "a", "1", &["198.19.0.1"])));
         let first = c.take();
-        let mut keys: Vec<_> = first.services.iter().map(|(k, _)| k.name.clone()).collect();
-        keys.sort();
-        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(first.services, [key("a"), key("b")]);
         assert_eq!((first.service_changes, first.slice_changes), (2, 1));
 
         // The same version again is no change; a second slice merges.
         c.service_event(Event::Apply(svc("b", "1")));
         c.slice_event(Event::Apply(slice("a-2", "a", "1", &["198.19.0.2"])));
         let second = c.take();
-        assert_eq!(second.services.len(), 1);
-        let (k, inputs) = &second.services[0];
-        assert_eq!(k, &key("a"));
-        let eps = &inputs.as_ref().unwrap().v4[&("http".to_string(), crate::ruleset::Proto::Tcp)];
+        assert_eq!(second.services, [key("a")]);
+        let inputs = c.inputs(&key("a")).unwrap();
+        let eps = &inputs.v4[&("http".to_string(), crate::ruleset::Proto::Tcp)];
         assert_eq!(eps.len(), 2);
 
         // Deleting a Service reports it gone.
         c.service_event(Event::Delete(svc("a", "2")));
         let third = c.take();
-        assert_eq!(third.services, vec![(key("a"), None)]);
+        assert_eq!(third.services, [key("a")]);
+        assert!(c.inputs(&key("a")).is_none());
     }
 
     #[test]
@@ -523,7 +538,8 @@ mod tests {
             c.service_event(e);
         }
         let changes = c.take();
-        assert_eq!(changes.services, vec![(key("a"), None)]);
+        assert_eq!(changes.services, [key("a")]);
+        assert!(c.inputs(&key("a")).is_none());
         assert_eq!(c.all().len(), 1);
     }
 

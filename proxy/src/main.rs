@@ -125,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
     let own_node =
         watcher::Config::default().fields(&format!("metadata.name={}", settings.node_name));
     let cache = Cache::new(&settings.node_name);
-    let all = watcher::Config::default;
+    // Lists served from the API server's watch cache (resourceVersion 0),
+    // as kube-proxy's informers list: the watch that follows brings
+    // anything newer.
+    let all = || watcher::Config::default().any_semantic();
     let c = cache.clone();
     rt.watch_events(
         Api::<Service>::all(client.clone()),

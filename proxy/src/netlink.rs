@@ -12,7 +12,7 @@ use nlink::netlink::nftables::{
     BaseChain, Chain as NlChain, CmpOp, CtKey, Expr as NlExpr, Family as NlFamily, FibFlags,
     FibResult, FilterHook, LookupExpr, MetaKey, NatHook, NumgenKind, PayloadBase, Policy, Priority,
     RawExpr, Register, Rule as NlRule, Set as NlSet, SetDataType, SetElement, SetKeyType,
-    Verdict as NlVerdict,
+    Transaction, Verdict as NlVerdict,
 };
 use nlink::netlink::{Connection, Nftables};
 
@@ -78,59 +78,23 @@ impl Nft {
     /// takes effect, or none of it. `target` supplies the definitions of the
     /// sets the operations fill.
     pub async fn commit(&self, target: &Ruleset, ops: &[Op]) -> Result<(), NetlinkError> {
-        let (family, table) = (target.family, target.table.as_str());
-        let fam = nl_family(family);
-        let handle = |name: &str| match target.sets.get(name) {
-            Some(set) => nl_set(family, table, name, set),
-            None => NlSet::new(table, name).family(fam),
-        };
+        append(self.conn.transaction(), target, ops)?
+            .commit(&self.conn)
+            .await
+            .map_err(|e| NetlinkError::Commit(e.to_string()))
+    }
+
+    /// Like [`Nft::commit`], with the operations arriving in batches: each
+    /// is written into the transaction and dropped, so only the
+    /// transaction's bytes are held, never all the operations as values.
+    pub async fn commit_batches(
+        &self,
+        target: &Ruleset,
+        batches: impl Iterator<Item = Vec<Op>>,
+    ) -> Result<(), NetlinkError> {
         let mut tx = self.conn.transaction();
-        for op in ops {
-            tx = match op {
-                Op::ReplaceTable => tx.destroy_table(table, fam).add_table(table, fam),
-                Op::AddSet { name, set } => tx.add_set(nl_set(family, table, name, set)),
-                Op::AddChain { name, base } => {
-                    let mut chain = NlChain::new(table, name.as_str())
-                        .map_err(|e| NetlinkError::Build(e.to_string()))?
-                        .family(fam);
-                    if let Some(b) = base {
-                        chain = chain.base(nl_base(b));
-                    }
-                    tx.add_chain(chain)
-                }
-                Op::FlushChain(name) => tx.flush_chain(table, name, fam),
-                Op::AddRule { chain, rule } => {
-                    let mut r = NlRule::new(table, chain).family(fam);
-                    for e in encode_rule(family, rule)? {
-                        r = r.expr(e);
-                    }
-                    tx.add_rule(r)
-                }
-                Op::AddElements { set, elements } => {
-                    let handle = handle(set);
-                    let mut encoded = Vec::with_capacity(elements.len());
-                    for (key, data) in elements {
-                        encoded.push(element(key, data.as_ref())?);
-                    }
-                    for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
-                        tx = tx.add_set_elements(&handle, chunk);
-                    }
-                    tx
-                }
-                Op::DeleteElements { set, keys } => {
-                    let handle = handle(set);
-                    let mut encoded = Vec::with_capacity(keys.len());
-                    for key in keys {
-                        encoded.push(element(key, None)?);
-                    }
-                    for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
-                        tx = tx.del_set_elements(&handle, chunk);
-                    }
-                    tx
-                }
-                Op::DeleteChain(name) => tx.del_chain(table, name, fam),
-                Op::DeleteSet(name) => tx.del_set(table, name, fam),
-            };
+        for batch in batches {
+            tx = append(tx, target, &batch)?;
         }
         tx.commit(&self.conn)
             .await
@@ -144,6 +108,65 @@ impl Nft {
             .await
             .map_err(|e| NetlinkError::Commit(e.to_string()))
     }
+}
+
+/// Writes `ops`, which lead to `target`, into `tx`. `target` supplies the
+/// definitions of the sets the operations fill.
+fn append(mut tx: Transaction, target: &Ruleset, ops: &[Op]) -> Result<Transaction, NetlinkError> {
+    let (family, table) = (target.family, target.table.as_str());
+    let fam = nl_family(family);
+    let handle = |name: &str| match target.sets.get(name) {
+        Some(set) => nl_set(family, table, name, set),
+        None => NlSet::new(table, name).family(fam),
+    };
+    for op in ops {
+        tx = match op {
+            Op::ReplaceTable => tx.destroy_table(table, fam).add_table(table, fam),
+            Op::AddSet { name, set } => tx.add_set(nl_set(family, table, name, set)),
+            Op::AddChain { name, base } => {
+                let mut chain = NlChain::new(table, name.as_str())
+                    .map_err(|e| NetlinkError::Build(e.to_string()))?
+                    .family(fam);
+                if let Some(b) = base {
+                    chain = chain.base(nl_base(b));
+                }
+                tx.add_chain(chain)
+            }
+            Op::FlushChain(name) => tx.flush_chain(table, name, fam),
+            Op::AddRule { chain, rule } => {
+                let mut r = NlRule::new(table, chain).family(fam);
+                for e in encode_rule(family, rule)? {
+                    r = r.expr(e);
+                }
+                tx.add_rule(r)
+            }
+            Op::AddElements { set, elements } => {
+                let handle = handle(set);
+                let mut encoded = Vec::with_capacity(elements.len());
+                for (key, data) in elements {
+                    encoded.push(element(key, data.as_ref())?);
+                }
+                for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
+                    tx = tx.add_set_elements(&handle, chunk);
+                }
+                tx
+            }
+            Op::DeleteElements { set, keys } => {
+                let handle = handle(set);
+                let mut encoded = Vec::with_capacity(keys.len());
+                for key in keys {
+                    encoded.push(element(key, None)?);
+                }
+                for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
+                    tx = tx.del_set_elements(&handle, chunk);
+                }
+                tx
+            }
+            Op::DeleteChain(name) => tx.del_chain(table, name, fam),
+            Op::DeleteSet(name) => tx.del_set(table, name, fam),
+        };
+    }
+    Ok(tx)
 }
 
 fn nl_family(f: Family) -> NlFamily {

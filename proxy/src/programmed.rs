@@ -17,6 +17,7 @@
 //! (tests/incremental.rs proves it on random clusters).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -40,9 +41,11 @@ pub struct Context<'a> {
 /// What one update asks of the kernel and of the shell.
 #[derive(Debug, Default)]
 pub struct Update {
+    /// A partial update's operations.
     pub ops: Vec<Op>,
-    /// A rebuild of the whole table (the first, or after a failure).
-    pub full: bool,
+    /// Or a rebuild of the whole table (the first, or after a failure),
+    /// rendered while the kernel's transaction is being written.
+    pub build: Option<FullBuild>,
     /// Why a rebuild that had to happen for a reason happened (metrics).
     pub reason: Option<&'static str>,
     /// UDP Service ports whose endpoints may have changed, for conntrack
@@ -56,7 +59,7 @@ struct State {
     services: HashMap<ServiceKey, Arc<ServiceInputs>>,
     /// Claimants of each frontend, lowest key (the owner) first.
     fronts: HashMap<Front, Vec<ServiceKey>>,
-    shared: HashMap<Member, u32>,
+    shared: HashMap<(&'static str, IpAddr), u32>,
     picks: HashMap<Pick, u32>,
     health: BTreeMap<ServiceKey, HealthCheck>,
     no_local: HashMap<ServiceKey, (usize, usize)>,
@@ -90,45 +93,43 @@ impl Programmed {
         self.state = None;
     }
 
-    /// The whole table for `all` (sorted by key or not): replaces whatever
-    /// the kernel holds.
+    /// The whole table for `all`, replacing whatever the kernel holds: a
+    /// stream of operation batches to send in one transaction, then to
+    /// [`Programmed::install`] once the kernel took it. Until then this
+    /// table is unbuilt.
     pub fn full(
         &mut self,
         ctx: &Context<'_>,
         all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
     ) -> Update {
-        let scaffold = render::scaffold(self.family, ctx.cfg, ctx.node, ctx.service_cidrs);
-        let mut state = State {
-            scaffold: scaffold.clone(),
-            services: HashMap::new(),
-            fronts: HashMap::new(),
-            shared: HashMap::new(),
-            picks: HashMap::new(),
-            health: BTreeMap::new(),
-            no_local: HashMap::new(),
-            no_local_total: (0, 0),
-            elements: 0,
-            chains: 0,
-        };
-        let rendered = build(self.family, ctx, scaffold, all, |key, frag, inputs| {
-            state.claim(key, frag);
-            state.services.insert(key.clone(), inputs);
-        });
-        state.elements = rendered.ruleset.element_count();
-        state.chains = rendered.ruleset.chains.len() - state.scaffold.chains.len();
-        let udp = rendered.udp;
-        self.state = Some(state);
+        self.state = None;
         Update {
-            ops: diff::full_owned(rendered.ruleset),
-            full: true,
-            reason: None,
-            udp,
+            build: Some(FullBuild::new(self.family, ctx, all)),
+            ..Default::default()
         }
     }
 
+    /// Takes the state a full build reached (after the kernel took it).
+    pub fn install(&mut self, build: FullBuild) {
+        self.state = Some(build.state);
+    }
+
+    /// A full build's operations, all at once, installed (tests and tools;
+    /// the proxy streams them).
+    pub fn full_ops(
+        &mut self,
+        ctx: &Context<'_>,
+        all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
+    ) -> Vec<Op> {
+        let mut build = FullBuild::new(self.family, ctx, all);
+        let ops = build.by_ref().flatten().collect();
+        self.install(build);
+        ops
+    }
+
     /// The operations for `changed` (each Service with what it is now,
-    /// `None` when gone) and a possibly new scaffold; a full build when
-    /// nothing was built yet or the scaffold changed shape.
+    /// `None` when gone) and a possibly new scaffold; a full build (of
+    /// `all`) when nothing was built yet or the scaffold changed shape.
     pub fn update(
         &mut self,
         ctx: &Context<'_>,
@@ -200,12 +201,12 @@ impl Programmed {
             }
             for k in old.shared.difference(&new.shared) {
                 if state.release(k) {
-                    delta.element(k.0, k.1.clone(), Some(None), None);
+                    delta.element(k.0, render::shared_key(k.0, k.1), Some(None), None);
                 }
             }
             for k in new.shared.difference(&old.shared) {
                 if state.take(k) {
-                    delta.element(k.0, k.1.clone(), None, Some(None));
+                    delta.element(k.0, render::shared_key(k.0, k.1), None, Some(None));
                 }
             }
             for p in old.picks.difference(&new.picks) {
@@ -250,7 +251,7 @@ impl Programmed {
         ops.extend(more);
         Update {
             ops: diff::ordered(ops),
-            full: false,
+            build: None,
             reason: None,
             udp,
         }
@@ -303,26 +304,171 @@ pub fn assemble(
     all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
 ) -> Rendered {
     let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
-    build(family, ctx, scaffold, all, |_, _, _| {})
+    build(family, ctx, scaffold, all)
 }
 
-/// Adds every Service's fragment to `scaffold` in key order, showing each
-/// to `seen` on the way.
+/// Adds every Service's fragment to `scaffold` in key order.
 fn build(
     family: Family,
     ctx: &Context<'_>,
     scaffold: Ruleset,
     mut all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
-    mut seen: impl FnMut(&ServiceKey, &Fragment, Arc<ServiceInputs>),
 ) -> Rendered {
     all.sort_by(|a, b| a.0.cmp(&b.0));
     let mut assembly = Assembly::new(scaffold);
     for (key, inputs) in all {
-        let frag = fragment(family, ctx, &inputs);
-        seen(&key, &frag, inputs);
-        assembly.add(&key, frag);
+        assembly.add(&key, fragment(family, ctx, &inputs));
     }
     assembly.finish()
+}
+
+/// Services rendered per batch of a full build: enough to keep messages
+/// full, few enough that a batch's values stay small.
+const BUILD_BATCH: usize = 256;
+
+/// A full build, rendered batch by batch as the transaction is written: a
+/// cold start at 10k Services never holds the whole ruleset as values,
+/// only as the bytes of the transaction. The same operations as
+/// [`crate::diff::full`] of [`assemble`], in a different (valid) order.
+#[derive(Debug)]
+pub struct FullBuild {
+    family: Family,
+    cfg: Config,
+    node: NodeFacts,
+    pending: std::vec::IntoIter<(ServiceKey, Arc<ServiceInputs>)>,
+    started: bool,
+    state: State,
+    udp: Vec<UdpService>,
+}
+
+impl FullBuild {
+    fn new(
+        family: Family,
+        ctx: &Context<'_>,
+        mut all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
+    ) -> Self {
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+        Self {
+            family,
+            cfg: ctx.cfg.clone(),
+            node: ctx.node.clone(),
+            pending: all.into_iter(),
+            started: false,
+            state: State {
+                elements: scaffold.element_count(),
+                scaffold,
+                services: HashMap::new(),
+                fronts: HashMap::new(),
+                shared: HashMap::new(),
+                picks: HashMap::new(),
+                health: BTreeMap::new(),
+                no_local: HashMap::new(),
+                no_local_total: (0, 0),
+                chains: 0,
+            },
+            udp: Vec::new(),
+        }
+    }
+
+    /// The definitions of the sets the batches fill.
+    pub fn scaffold(&self) -> &Ruleset {
+        &self.state.scaffold
+    }
+
+    /// Every UDP Service port, for conntrack cleanup after the build.
+    pub fn take_udp(&mut self) -> Vec<UdpService> {
+        std::mem::take(&mut self.udp)
+    }
+}
+
+impl Iterator for FullBuild {
+    type Item = Vec<Op>;
+
+    fn next(&mut self) -> Option<Vec<Op>> {
+        if !self.started {
+            self.started = true;
+            return Some(diff::full(&self.state.scaffold));
+        }
+        let ctx = Context {
+            cfg: &self.cfg,
+            node: &self.node,
+            service_cidrs: &[],
+        };
+        let mut ops = Vec::new();
+        let mut elements: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
+        let mut any = false;
+        for (key, inputs) in self.pending.by_ref().take(BUILD_BATCH) {
+            any = true;
+            let frag = fragment(self.family, &ctx, &inputs);
+            let s = &mut self.state;
+            for (name, set) in &frag.sets {
+                ops.push(Op::AddSet {
+                    name: name.clone(),
+                    set: set.clone(),
+                });
+            }
+            let mut chains: Vec<(String, Chain)> = frag
+                .chains
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect();
+            for p in &frag.picks {
+                if s.pick(*p) {
+                    chains.push((p.name(), p.chain()));
+                }
+            }
+            s.chains += chains.len();
+            for (name, chain) in chains {
+                ops.push(Op::AddChain {
+                    name: name.clone(),
+                    base: chain.base,
+                });
+                ops.extend(chain.rules.into_iter().map(|rule| Op::AddRule {
+                    chain: name.clone(),
+                    rule,
+                }));
+            }
+            for (front, members) in &frag.fronts {
+                let first = s.owner(front).is_none();
+                s.reclaim(&key, *front, true);
+                if first {
+                    for ((set, k), data) in members {
+                        elements
+                            .entry(set)
+                            .or_default()
+                            .push((k.clone(), data.clone()));
+                    }
+                }
+            }
+            for m in &frag.shared {
+                if s.take(m) {
+                    elements
+                        .entry(m.0)
+                        .or_default()
+                        .push((render::shared_key(m.0, m.1), None));
+                }
+            }
+            if let Some(h) = frag.health {
+                s.health.insert(key.clone(), h);
+            }
+            s.set_no_local(&key, (frag.no_local_internal, frag.no_local_external));
+            self.udp.extend(frag.udp);
+            s.services.insert(key, inputs);
+        }
+        if !any {
+            return None;
+        }
+        for (set, elements) in elements {
+            self.state.elements += elements.len();
+            ops.push(Op::AddElements {
+                set: set.into(),
+                elements,
+            });
+        }
+        // Chains before the rules that jump to them.
+        Some(diff::ordered(ops))
+    }
 }
 
 /// What `inputs` add to `family`'s table.
@@ -341,23 +487,6 @@ impl State {
         self.fronts.get(front).and_then(|c| c.first().cloned())
     }
 
-    /// Records the claims of a fragment during a full build.
-    fn claim(&mut self, key: &ServiceKey, frag: &Fragment) {
-        for front in frag.fronts.keys() {
-            self.reclaim(key, *front, true);
-        }
-        for k in &frag.shared {
-            self.take(k);
-        }
-        for p in &frag.picks {
-            self.pick(*p);
-        }
-        if let Some(h) = frag.health {
-            self.health.insert(key.clone(), h);
-        }
-        self.set_no_local(key, (frag.no_local_internal, frag.no_local_external));
-    }
-
     /// `key` claims `front` (or stops claiming it).
     fn reclaim(&mut self, key: &ServiceKey, front: Front, claims: bool) {
         let list = self.fronts.entry(front).or_default();
@@ -374,14 +503,14 @@ impl State {
     }
 
     /// One more user; true when it is the first.
-    fn take(&mut self, k: &Member) -> bool {
-        let n = self.shared.entry(k.clone()).or_insert(0);
+    fn take(&mut self, k: &(&'static str, IpAddr)) -> bool {
+        let n = self.shared.entry(*k).or_insert(0);
         *n += 1;
         *n == 1
     }
 
     /// One user fewer; true when it was the last.
-    fn release(&mut self, k: &Member) -> bool {
+    fn release(&mut self, k: &(&'static str, IpAddr)) -> bool {
         match self.shared.get_mut(k) {
             Some(n) if *n > 1 => {
                 *n -= 1;

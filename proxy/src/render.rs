@@ -235,7 +235,8 @@ fn stable_id(parts: &[&str]) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
     pub fronts: BTreeMap<Front, Elements>,
-    pub shared: BTreeSet<(&'static str, Vec<Value>)>,
+    /// `(set, address)`: see [`shared_key`].
+    pub shared: BTreeSet<(&'static str, IpAddr)>,
     /// Session-affinity sets and chains, named for this Service alone.
     pub sets: BTreeMap<String, Set>,
     pub chains: BTreeMap<String, Chain>,
@@ -389,9 +390,9 @@ impl Assembly {
                 }
             }
         }
-        for (set, k) in frag.shared {
+        for (set, ip) in frag.shared {
             if let Some(s) = r.ruleset.sets.get_mut(set) {
-                s.elements.insert(k, None);
+                s.elements.insert(shared_key(set, ip), None);
             }
         }
         r.ruleset.sets.extend(frag.sets);
@@ -413,6 +414,17 @@ impl Assembly {
                 .insert(pick.name(), pick.chain());
         }
         self.rendered
+    }
+}
+
+/// The element a shared member stands for: a ClusterIP, or an endpoint's
+/// hairpin pair (itself to itself). Kept as one address, since there can
+/// be one per endpoint in the cluster.
+pub fn shared_key(set: &str, ip: IpAddr) -> Vec<Value> {
+    if set == names::HAIRPIN {
+        vec![Value::Addr(ip), Value::Addr(ip)]
+    } else {
+        vec![Value::Addr(ip)]
     }
 }
 
@@ -447,16 +459,15 @@ impl ServiceBuilder<'_> {
             .insert((set, key), data);
     }
 
-    fn share(&mut self, set: &'static str, key: Vec<Value>) {
-        self.frag.shared.insert((set, key));
+    fn share(&mut self, set: &'static str, ip: IpAddr) {
+        self.frag.shared.insert((set, ip));
     }
 
     fn port(&mut self, sp: &ServicePort, cluster_ip: IpAddr, sel: &Selected) {
         let f = self.family;
-        self.share(names::CLUSTER_IPS, vec![Value::Addr(cluster_ip)]);
+        self.share(names::CLUSTER_IPS, cluster_ip);
         for ep in sel.cluster.iter().chain(&sel.local) {
-            let a = Value::Addr(ep.ip());
-            self.share(names::HAIRPIN, vec![a, a]);
+            self.share(names::HAIRPIN, ep.ip());
         }
         let endpoints = |eps: &[SocketAddr]| Target::Endpoints {
             eps: eps.to_vec(),

@@ -23,7 +23,7 @@ use crate::conntrack::{self, UdpService};
 use crate::health::{self, ProxierHealth, ServiceHealth};
 use crate::metrics::KubeProxyMetrics;
 use crate::netlink::Nft;
-use crate::programmed::{Context, Programmed, Update};
+use crate::programmed::{Context, FullBuild, Programmed, Update};
 use crate::render::Config;
 use crate::ruleset::Family;
 
@@ -208,6 +208,13 @@ impl Proxy {
                 table.forget();
             }
         }
+        // Only a table already built updates Service by Service; the
+        // others build from everything.
+        let changed = if self.tables.values().any(|t| t.is_built()) {
+            self.cache.inputs_of(&changes.services)
+        } else {
+            Vec::new()
+        };
         let shared = started.elapsed();
 
         let mut ok = true;
@@ -224,13 +231,27 @@ impl Proxy {
                 continue;
             };
             let cache = &self.cache;
-            let update = table.update(&ctx, &changes.services, || cache.all());
+            let update = table.update(&ctx, &changed, || cache.all());
+            let planned = family_started.elapsed();
             if let Some(reason) = update.reason {
                 self.metrics.full_resync(reason);
             }
             match self.program(family, &ctx, update).await {
                 Some((full, udp)) => {
                     let took = shared + family_started.elapsed();
+                    if full {
+                        let (chains, elements) =
+                            self.tables.get(&family).map_or((0, 0), |t| t.size());
+                        tracing::info!(
+                            family = family.label(),
+                            chains,
+                            elements,
+                            caches_ms = shared.as_millis() as u64,
+                            render_ms = planned.as_millis() as u64,
+                            kernel_ms = (took - shared - planned).as_millis() as u64,
+                            "table built"
+                        );
+                    }
                     self.metrics.observe_sync(family, full, took);
                     self.clean_conntrack(family, &udp).await;
                 }
@@ -281,15 +302,19 @@ impl Proxy {
     ) -> Option<(bool, Vec<UdpService>)> {
         let Update {
             ops,
-            mut full,
+            build,
             mut udp,
             ..
         } = update;
         let table = self.tables.get_mut(&family)?;
-        let mut result = match table.scaffold() {
-            _ if ops.is_empty() => Ok(()),
-            Some(shapes) => self.nft.commit(shapes, &ops).await,
-            None => Ok(()),
+        let mut full = build.is_some();
+        let mut result = match build {
+            Some(build) => Self::build(&self.nft, table, build, &mut udp).await,
+            None => match table.scaffold() {
+                _ if ops.is_empty() => Ok(()),
+                Some(shapes) => self.nft.commit(shapes, &ops).await,
+                None => Ok(()),
+            },
         };
         if let Err(error) = &result
             && !full
@@ -298,10 +323,9 @@ impl Proxy {
             tracing::warn!(family = family.label(), %error, ops = ops.len(), "partial update refused; rebuilding the table");
             self.metrics.nftables_sync_failed(family);
             self.metrics.full_resync("partial-update-failed");
-            let rebuild = table.full(ctx, self.cache.all());
-            (full, udp) = (true, rebuild.udp);
-            result = match table.scaffold() {
-                Some(shapes) => self.nft.commit(shapes, &rebuild.ops).await,
+            full = true;
+            result = match table.full(ctx, self.cache.all()).build {
+                Some(build) => Self::build(&self.nft, table, build, &mut udp).await,
                 None => Ok(()),
             };
         }
@@ -332,6 +356,21 @@ impl Proxy {
                 None
             }
         }
+    }
+
+    /// Sends a full build as one transaction; the table takes its state
+    /// only when the kernel took it.
+    async fn build(
+        nft: &Nft,
+        table: &mut Programmed,
+        mut build: FullBuild,
+        udp: &mut Vec<UdpService>,
+    ) -> Result<(), crate::netlink::NetlinkError> {
+        let shapes = build.scaffold().clone();
+        nft.commit_batches(&shapes, build.by_ref()).await?;
+        *udp = build.take_udp();
+        table.install(build);
+        Ok(())
     }
 
     async fn clean_conntrack(&self, family: Family, udp: &[UdpService]) {

@@ -100,15 +100,15 @@ proptest! {
         let cache = listed(&a);
         let _ = cache.take();
         let mut table = Programmed::new(Family::V4);
-        let first = table.full(&ctx, cache.all());
+        let first = table.full_ops(&ctx, cache.all());
         let mut live = Ruleset::new(Family::V4, "ferrolb-proxy");
-        diff::apply(&mut live, &first.ops);
+        diff::apply(&mut live, &first);
         prop_assert_eq!(&live, &full_table(&a));
 
         change(&cache, &a, &b);
         let changes = cache.take();
-        let update = table.update(&ctx, &changes.services, || cache.all());
-        prop_assert!(!update.full);
+        let update = table.update(&ctx, &cache.inputs_of(&changes.services), || cache.all());
+        prop_assert!(update.build.is_none());
         prop_assert!(!update.ops.iter().any(|o| matches!(o, Op::ReplaceTable)));
         diff::apply(&mut live, &update.ops);
         prop_assert_eq!(&live, &full_table(&b));
@@ -118,7 +118,7 @@ proptest! {
         // Nothing changed: nothing to send.
         change(&cache, &b, &b);
         let again = cache.take();
-        let idle = table.update(&ctx, &again.services, || cache.all());
+        let idle = table.update(&ctx, &cache.inputs_of(&again.services), || cache.all());
         prop_assert!(idle.ops.is_empty(), "{:?}", idle.ops);
     }
 
@@ -130,14 +130,14 @@ proptest! {
         let cache = listed(&a);
         let _ = cache.take();
         let mut table = Programmed::new(Family::V4);
-        let _ = table.full(&ctx, cache.all());
+        let _ = table.full_ops(&ctx, cache.all());
         let mut more = a.clone();
         more.push((200, 0, 2, false, false, false, false));
         change(&cache, &a, &more);
         // (Objects carry no resource versions here, so every one is
         // re-rendered; only the new Service's differ.)
         let changes = cache.take();
-        let update = table.update(&ctx, &changes.services, || cache.all());
+        let update = table.update(&ctx, &cache.inputs_of(&changes.services), || cache.all());
         prop_assert!(diff::element_changes(&update.ops) <= 12, "{:?}", update.ops);
     }
 }
@@ -160,9 +160,9 @@ fn a_shared_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
     let cache = listed(&both);
     let _ = cache.take();
     let mut table = Programmed::new(Family::V4);
-    let first = table.full(&ctx, cache.all());
+    let first = table.full_ops(&ctx, cache.all());
     let mut live = Ruleset::new(Family::V4, "ferrolb-proxy");
-    diff::apply(&mut live, &first.ops);
+    diff::apply(&mut live, &first);
     let text = live.to_nft();
     assert!(
         text.contains("198.18.9.1 . tcp . 80 : goto pick-1"),
@@ -171,7 +171,7 @@ fn a_shared_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
 
     change(&cache, &both, &only);
     let changes = cache.take();
-    let update = table.update(&ctx, &changes.services, || cache.all());
+    let update = table.update(&ctx, &cache.inputs_of(&changes.services), || cache.all());
     diff::apply(&mut live, &update.ops);
     let text = live.to_nft();
     assert!(

@@ -328,9 +328,19 @@ proptest! {
                 cache.slice_event(Event::Apply(s));
             }
             let changes = cache.take();
-            let update = table.update(&ctx, &changes.services, || cache.all());
-            let shapes = table.scaffold().expect("built").clone();
-            let result = rt.block_on(nft.commit(&shapes, &update.ops));
+            let update = table.update(&ctx, &cache.inputs_of(&changes.services), || cache.all());
+            let result = match update.build {
+                Some(mut build) => {
+                    let shapes = build.scaffold().clone();
+                    let r = rt.block_on(nft.commit_batches(&shapes, build.by_ref()));
+                    table.install(build);
+                    r
+                }
+                None => {
+                    let shapes = table.scaffold().expect("built").clone();
+                    rt.block_on(nft.commit(&shapes, &update.ops))
+                }
+            };
             prop_assert!(result.is_ok(), "{:?}\n{:?}", result, update.ops);
             prop_assert_eq!(listed_elements(&ns, "ip"), table.size().1);
             before = w.clone();

@@ -4,6 +4,7 @@
 
 pub mod layout;
 pub mod proxy;
+pub mod proxy_core;
 pub mod speaker;
 
 use std::sync::Arc;

@@ -54,6 +54,10 @@ enum What {
         services: Vec<usize>,
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
+        /// Measure FerroLB alone (no kube-proxy, no throughput): for work
+        /// on the proxy, not for claims.
+        #[arg(long)]
+        ours_only: bool,
     },
     /// FerroLB's speaker against MetalLB (L2), in one lab run: node loss,
     /// link restore, speaker SIGKILL, rolling restart, drain.
@@ -75,6 +79,15 @@ enum What {
         #[arg(long, default_value_t = 300)]
         count: usize,
     },
+    /// (internal) the proxy's cache, full build and one update in this
+    /// process, with time and RSS per step (root).
+    #[command(hide = true)]
+    ProxyCore {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
     /// Ruleset layouts in the kernel: FerroLB's flat one against
     /// kube-proxy's shape (root; throwaway network namespaces).
     ProxyLayout {
@@ -93,7 +106,8 @@ fn main() -> Result<()> {
         What::Proxy {
             services,
             endpoints,
-        } => ferrolb_lab::bench::proxy::run(&services, endpoints),
+            ours_only,
+        } => ferrolb_lab::bench::proxy::run(&services, endpoints, ours_only),
         What::Speaker { trials } => ferrolb_lab::bench::speaker::run(trials),
         What::ProbeConnect { addr, timeout_ms } => {
             ferrolb_lab::bench::proxy::probe_connect(addr, Duration::from_millis(timeout_ms))
@@ -101,6 +115,10 @@ fn main() -> Result<()> {
         What::ConnectLatency { addr, count } => {
             ferrolb_lab::bench::proxy::connect_latency(addr, count)
         }
+        What::ProxyCore {
+            services,
+            endpoints,
+        } => ferrolb_lab::bench::proxy_core::run(services, endpoints),
         What::ProxyLayout {
             services,
             endpoints,
