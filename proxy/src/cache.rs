@@ -90,6 +90,9 @@ struct State {
     /// The node's facts changed: they reach every Service's rendering (its
     /// zone, its addresses), so the next sync rebuilds.
     node_changed: bool,
+    /// The node's eligibility or the Service CIDRs changed (the health
+    /// state or the scaffold).
+    other_changed: bool,
     service_changes: usize,
     slice_changes: usize,
     /// Trigger times of changed slices, observed once programmed.
@@ -141,7 +144,11 @@ impl Cache {
         self.lock().listed.len() == 4
     }
 
-    pub fn service_event(&self, event: Event<Service>) {
+    // Each event returns whether a sync has work now: a Node status
+    // heartbeat or an object seen again at the same version does not wake
+    // the loop (and so does not spend a sync the rate limit allows).
+
+    pub fn service_event(&self, event: Event<Service>) -> bool {
         let mut s = self.lock();
         s.event(
             Kind::Services,
@@ -149,19 +156,22 @@ impl Cache {
             State::put_service,
             State::remove_service,
         );
+        s.has_pending()
     }
 
-    pub fn slice_event(&self, event: Event<EndpointSlice>) {
+    pub fn slice_event(&self, event: Event<EndpointSlice>) -> bool {
         let mut s = self.lock();
         s.event(Kind::Slices, event, State::put_slice, State::remove_slice);
+        s.has_pending()
     }
 
-    pub fn node_event(&self, event: Event<Node>) {
+    pub fn node_event(&self, event: Event<Node>) -> bool {
         let mut s = self.lock();
         s.event(Kind::Node, event, State::put_node, State::remove_node);
+        s.has_pending()
     }
 
-    pub fn service_cidr_event(&self, event: Event<ServiceCIDR>) {
+    pub fn service_cidr_event(&self, event: Event<ServiceCIDR>) -> bool {
         let mut s = self.lock();
         s.event(
             Kind::ServiceCidrs,
@@ -169,6 +179,12 @@ impl Cache {
             State::put_service_cidr,
             State::remove_service_cidr,
         );
+        s.has_pending()
+    }
+
+    /// Something changed that the next sync must program.
+    pub fn has_pending(&self) -> bool {
+        self.lock().has_pending()
     }
 
     /// Takes what changed since the last call.
@@ -176,6 +192,7 @@ impl Cache {
         let mut s = self.lock();
         let mut services: Vec<ServiceKey> = s.dirty.drain().collect();
         services.sort();
+        s.other_changed = false;
         Changes {
             services,
             node_changed: std::mem::take(&mut s.node_changed),
@@ -253,6 +270,10 @@ impl Cache {
 }
 
 impl State {
+    fn has_pending(&self) -> bool {
+        !self.dirty.is_empty() || self.node_changed || self.other_changed
+    }
+
     fn event<K: kube::Resource>(
         &mut self,
         kind: Kind,
@@ -400,6 +421,7 @@ impl State {
         let facts_changed = self.node.as_ref().map(|n| &n.facts) != Some(&view.facts);
         self.node = Some(view);
         self.node_changed |= facts_changed;
+        self.other_changed = true;
     }
 
     fn remove_node(&mut self, _: &(String, String)) {
@@ -419,11 +441,16 @@ impl State {
             .collect();
         let name = c.name_any();
         // Only the scaffold reads them; every sync renders it afresh.
-        self.service_cidrs.insert(name, cidrs);
+        if self.service_cidrs.get(&name) != Some(&cidrs) {
+            self.service_cidrs.insert(name, cidrs);
+            self.other_changed = true;
+        }
     }
 
     fn remove_service_cidr(&mut self, (_, name): &(String, String)) {
-        self.service_cidrs.remove(name);
+        if self.service_cidrs.remove(name).is_some() {
+            self.other_changed = true;
+        }
     }
 
     /// What Service `key` is now; `None` when it has no ports we proxy.
@@ -541,6 +568,29 @@ mod tests {
         assert_eq!(changes.services, [key("a")]);
         assert!(c.inputs(&key("a")).is_none());
         assert_eq!(c.all().len(), 1);
+    }
+
+    #[test]
+    fn a_node_heartbeat_is_no_work_but_a_new_address_is() {
+        let node = |rv: &str, ip: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "node-1", "resourceVersion": rv},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                           "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": format!("2026-12-02T00:00:0{rv}Z")}]},
+            }))
+            .unwrap()
+        };
+        let c = Cache::new("node-1");
+        assert!(c.node_event(Event::Apply(node("1", "198.18.0.11"))));
+        let _ = c.take();
+        assert!(!c.node_event(Event::Apply(node("2", "198.18.0.11"))));
+        assert!(!c.has_pending());
+        assert!(c.node_event(Event::Apply(node("3", "198.18.0.12"))));
+        assert!(c.take().node_changed);
+        // The same Service version again wakes nothing either.
+        assert!(c.service_event(Event::Apply(svc("a", "1"))));
+        let _ = c.take();
+        assert!(!c.service_event(Event::Apply(svc("a", "1"))));
     }
 
     #[test]

@@ -85,41 +85,16 @@ pub fn full(desired: &Ruleset) -> Vec<Op> {
     ops
 }
 
-/// Like [`full`], consuming `desired` so its elements move into the
-/// operations instead of being copied (a cold start holds the table once).
-pub fn full_owned(desired: Ruleset) -> Vec<Op> {
-    let Ruleset { sets, chains, .. } = desired;
-    let mut ops = vec![Op::ReplaceTable];
-    let mut filled = Vec::new();
-    for (name, mut set) in sets {
-        let elements = std::mem::take(&mut set.elements);
-        ops.push(Op::AddSet {
-            name: name.clone(),
-            set,
-        });
-        if !elements.is_empty() {
-            filled.push(Op::AddElements {
-                set: name,
-                elements: elements.into_iter().collect(),
-            });
-        }
-    }
-    let mut chains: Vec<(String, Chain)> = chains.into_iter().collect();
-    chains.sort_by_key(|(_, c)| c.base.is_some());
-    let mut rules = Vec::new();
-    for (name, chain) in chains {
-        ops.push(Op::AddChain {
-            name: name.clone(),
-            base: chain.base,
-        });
-        rules.extend(chain.rules.into_iter().map(|rule| Op::AddRule {
-            chain: name.clone(),
-            rule,
-        }));
-    }
-    ops.extend(filled);
-    ops.extend(rules);
-    ops
+/// A new chain and its rules.
+pub fn create_chain(name: String, chain: Chain, ops: &mut Vec<Op>) {
+    ops.push(Op::AddChain {
+        name: name.clone(),
+        base: chain.base,
+    });
+    ops.extend(chain.rules.into_iter().map(|rule| Op::AddRule {
+        chain: name.clone(),
+        rule,
+    }));
 }
 
 /// Where an operation goes in a transaction: things exist before they are

@@ -420,14 +420,7 @@ impl Iterator for FullBuild {
             }
             s.chains += chains.len();
             for (name, chain) in chains {
-                ops.push(Op::AddChain {
-                    name: name.clone(),
-                    base: chain.base,
-                });
-                ops.extend(chain.rules.into_iter().map(|rule| Op::AddRule {
-                    chain: name.clone(),
-                    rule,
-                }));
+                diff::create_chain(name, chain, &mut ops);
             }
             for (front, members) in &frag.fronts {
                 let first = s.owner(front).is_none();
@@ -637,14 +630,7 @@ impl Delta {
             match (before, after) {
                 (None, Some(c)) => {
                     chain_delta += 1;
-                    ops.push(Op::AddChain {
-                        name: name.clone(),
-                        base: c.base,
-                    });
-                    ops.extend(c.rules.into_iter().map(|rule| Op::AddRule {
-                        chain: name.clone(),
-                        rule,
-                    }));
+                    diff::create_chain(name, c, &mut ops);
                 }
                 (Some(_), Some(c)) => {
                     ops.push(Op::FlushChain(name.clone()));

@@ -169,16 +169,24 @@ impl Proxy {
                 let _ = limiter.wait(Instant::now());
             }
             let ok = self.sync().await;
-            let retry_after = (!ok).then_some(self.settings.sync_period);
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = changes.notified() => {}
-                _ = async {
-                    match retry_after {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => std::future::pending().await,
+            let retry_at = (!ok).then(|| tokio::time::Instant::now() + self.settings.sync_period);
+            // Wait for work: a wake-up with nothing to program spends no
+            // sync of the rate limit's burst.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = changes.notified() => {
+                        if self.cache.has_pending() {
+                            break;
+                        }
                     }
-                } => {}
+                    _ = async {
+                        match retry_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => break,
+                }
             }
         }
     }

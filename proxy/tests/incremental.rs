@@ -77,16 +77,34 @@ fn change(cache: &Cache, a: &World, b: &World) {
     }
 }
 
+/// What every rendering here shares.
+struct Env {
+    cfg: ferrolb_proxy::render::Config,
+    node: ferrolb_proxy::model::NodeFacts,
+    cidrs: Vec<ipnet::IpNet>,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            cfg: config(),
+            node: node(),
+            cidrs: cidrs(),
+        }
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            cfg: &self.cfg,
+            node: &self.node,
+            service_cidrs: &self.cidrs,
+        }
+    }
+}
+
 fn full_table(w: &World) -> Ruleset {
-    let cache = listed(w);
-    let cfg = config();
-    let (n, c) = (node(), cidrs());
-    let ctx = Context {
-        cfg: &cfg,
-        node: &n,
-        service_cidrs: &c,
-    };
-    programmed::assemble(Family::V4, &ctx, cache.all()).ruleset
+    let env = Env::new();
+    programmed::assemble(Family::V4, &env.ctx(), listed(w).all()).ruleset
 }
 
 proptest! {
@@ -94,9 +112,8 @@ proptest! {
 
     #[test]
     fn an_update_reaches_what_a_full_build_makes(a in world(), b in world()) {
-        let cfg = config();
-        let (n, c) = (node(), cidrs());
-        let ctx = Context { cfg: &cfg, node: &n, service_cidrs: &c };
+        let env = Env::new();
+        let ctx = env.ctx();
         let cache = listed(&a);
         let _ = cache.take();
         let mut table = Programmed::new(Family::V4);
@@ -124,9 +141,8 @@ proptest! {
 
     #[test]
     fn one_service_more_touches_only_its_own_elements(a in world()) {
-        let cfg = config();
-        let (n, c) = (node(), cidrs());
-        let ctx = Context { cfg: &cfg, node: &n, service_cidrs: &c };
+        let env = Env::new();
+        let ctx = env.ctx();
         let cache = listed(&a);
         let _ = cache.take();
         let mut table = Programmed::new(Family::V4);
@@ -144,13 +160,8 @@ proptest! {
 
 #[test]
 fn a_shared_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
-    let cfg = config();
-    let (n, c) = (node(), cidrs());
-    let ctx = Context {
-        cfg: &cfg,
-        node: &n,
-        service_cidrs: &c,
-    };
+    let env = Env::new();
+    let ctx = env.ctx();
     // s0 and s3 both claim 198.18.9.1:80; s0 (the lower key) owns it.
     let both: World = vec![
         (0, 0, 1, false, false, false, false),

@@ -85,6 +85,8 @@ impl Runtime {
     /// `apply` as it arrives, so a component can keep only the part of each
     /// object it reads and drop the rest at once. A (re)list arrives as
     /// `Init`, `InitApply`..., `InitDone`: objects not listed again are gone.
+    /// `apply` says whether the event left work to do; only then are
+    /// changes signalled.
     pub fn watch_events<K, F>(
         &mut self,
         api: Api<K>,
@@ -93,7 +95,7 @@ impl Runtime {
         mut apply: F,
     ) where
         K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
-        F: FnMut(watcher::Event<K>) + Send + 'static,
+        F: FnMut(watcher::Event<K>) -> bool + Send + 'static,
     {
         let gate = self.readiness.gate(what);
         let stream = watcher(api, config).default_backoff();
@@ -111,13 +113,15 @@ impl Runtime {
                             watcher::Event::InitApply(_) => listed += 1,
                             _ => {}
                         }
-                        apply(event);
+                        let work = apply(event);
                         if done && !synced {
                             synced = true;
                             gate.open();
                             tracing::info!(resource = what, objects = listed, "watch listed");
                         }
-                        changes.notify_one();
+                        if work || done {
+                            changes.notify_one();
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%error, resource = what, "watch failed; retrying with backoff")

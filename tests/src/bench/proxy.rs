@@ -427,17 +427,6 @@ fn programmed(peer: Peer, ip: Ipv4Addr) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn start_ferrolb(lab: &Lab) -> Result<u32> {
     crate::commands::request(lab.state(), "start proxy@node-1")?;
     lab.state()
@@ -558,15 +547,14 @@ fn measure(
     if peer == Peer::FerroLb {
         // Where our full sync's time went, as the proxy logs it.
         let log = std::fs::read_to_string(lab.state().log("proxy@node-1")).unwrap_or_default();
-        for line in log
-            .lines()
-            .filter(|l| l.contains("watch listed") || l.contains("table built"))
-        {
+        for line in log.lines().filter(|l| {
+            l.contains("API server") || l.contains("watch listed") || l.contains("table built")
+        }) {
             say(&format!("proxy: {line}"));
         }
     }
     // `ip netns exec` execs in place: the pid is the proxy's own.
-    f.rss_kib = rss_kib(pid);
+    f.rss_kib = super::rss_kib(&pid.to_string());
 
     // One added Service, reachable through its real endpoints only.
     let probe = next_probe_ip();

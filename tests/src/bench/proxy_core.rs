@@ -22,18 +22,7 @@ use serde_json::json;
 use super::say;
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    super::rss_kib("self").unwrap_or(0) as f64 / 1024.0
 }
 
 fn service(i: usize) -> Service {

@@ -131,17 +131,7 @@ fn rss_kib() -> u64 {
 }
 
 fn rss_of(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    ferrolb_lab::bench::rss_kib(pid).unwrap_or(0)
 }
 
 struct Row {
