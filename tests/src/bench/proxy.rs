@@ -133,6 +133,11 @@ fn run_in(
         NS,
         "--timeout=120s",
     ])?;
+    // The lab makes our proxy's ServiceAccount token on its first start
+    // (kube-proxy's kubeconfig exists from the start): start it once now,
+    // so no timed start includes that.
+    start_ferrolb(lab)?;
+    stop_ferrolb(lab)?;
     let pods = real_pods(lab)?;
     ensure!(pods.len() == 3, "real pods: {pods:?}");
     for (name, _) in &pods {
