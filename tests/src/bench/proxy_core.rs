@@ -124,6 +124,36 @@ fn run_in(ns: &str, n: usize, endpoints: usize) -> Result<()> {
         t.elapsed().as_secs_f64() * 1e3,
         rss_mib(),
     ));
+    // What the lab bench's "is it programmed yet" probe costs on a table
+    // this size (it runs `nft get element` in a loop).
+    let last = std::net::Ipv4Addr::from(
+        u32::from(std::net::Ipv4Addr::new(198, 18, 64, 100)) + (n - 1) as u32,
+    );
+    let t = Instant::now();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "get",
+            "element",
+            "ip",
+            "ferrolb-proxy",
+            "dispatch",
+        ])
+        .arg(format!("{{ {last} . tcp . 80 }}"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "nft get element: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rows.push((
+        "`nft get element` of one frontend (the lab bench's probe)".into(),
+        t.elapsed().as_secs_f64() * 1e3,
+        rss_mib(),
+    ));
     let shapes = table.scaffold().context("built")?.clone();
     let t = Instant::now();
     cache.service_event(Event::Apply(service(n)));
