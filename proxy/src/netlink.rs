@@ -388,10 +388,10 @@ fn immediate_verdict(v: NlVerdict) -> NlExpr {
     NlExpr::Verdict(v)
 }
 
-/// `ct <key> & bits != 0`: the conntrack word loaded into `r`, masked,
-/// compared with zero.
-fn ct_bits_set(out: &mut Vec<NlExpr>, r: Register, key: CtKey, bits: u32) {
-    out.push(NlExpr::Ct { dreg: r, key });
+/// `<word> & bits != 0`: the word `load` puts into `r`, masked, compared
+/// with zero (the conntrack status, the packet mark).
+fn bits_set(out: &mut Vec<NlExpr>, r: Register, load: NlExpr, bits: u32) {
+    out.push(load);
     out.push(NlExpr::Bitwise {
         sreg: r,
         dreg: r,
@@ -423,11 +423,19 @@ pub fn encode_rule(family: Family, rule: &Rule) -> Result<Vec<NlExpr>, NetlinkEr
             }
             Stmt::CtNew => {
                 const NEW: u32 = 8;
-                ct_bits_set(&mut out, r0, CtKey::State, NEW);
+                let load = NlExpr::Ct {
+                    dreg: r0,
+                    key: CtKey::State,
+                };
+                bits_set(&mut out, r0, load, NEW);
             }
             Stmt::CtDnat => {
                 const IPS_DST_NAT: u32 = 1 << 5;
-                ct_bits_set(&mut out, r0, CtKey::Status, IPS_DST_NAT);
+                let load = NlExpr::Ct {
+                    dreg: r0,
+                    key: CtKey::Status,
+                };
+                bits_set(&mut out, r0, load, IPS_DST_NAT);
             }
             Stmt::FibLocal { saddr } => {
                 const RTN_LOCAL: u32 = 2;
@@ -472,22 +480,11 @@ pub fn encode_rule(family: Family, rule: &Rule) -> Result<Vec<NlExpr>, NetlinkEr
                 });
             }
             Stmt::MarkHas(bit) => {
-                out.push(NlExpr::Meta {
+                let load = NlExpr::Meta {
                     dreg: r0,
                     key: MetaKey::Mark,
-                });
-                out.push(NlExpr::Bitwise {
-                    sreg: r0,
-                    dreg: r0,
-                    len: 4,
-                    mask: bit.to_ne_bytes().to_vec(),
-                    xor: 0u32.to_ne_bytes().to_vec(),
-                });
-                out.push(NlExpr::Cmp {
-                    sreg: r0,
-                    op: CmpOp::Eq,
-                    data: bit.to_ne_bytes().to_vec(),
-                });
+                };
+                bits_set(&mut out, r0, load, *bit);
             }
             Stmt::MarkSet(bit) | Stmt::MarkClear(bit) => {
                 // mark = (mark & mask) ^ xor: OR keeps the other bits and

@@ -500,7 +500,7 @@ fn rule_text(f: Family, rule: &Rule) -> String {
             Stmt::RandomIs { modulus, value } => {
                 format!("numgen random mod {modulus} == {value}")
             }
-            Stmt::MarkHas(bit) => format!("meta mark & 0x{bit:08x} == 0x{bit:08x}"),
+            Stmt::MarkHas(bit) => format!("meta mark & 0x{bit:08x} != 0"),
             Stmt::MarkSet(bit) => format!("meta mark set meta mark | 0x{bit:08x}"),
             Stmt::MarkClear(bit) => format!("meta mark set meta mark ^ 0x{bit:08x}"),
             Stmt::UpdateSaddr { set } => format!("update @{set} {{ {} saddr }}", f.nft()),

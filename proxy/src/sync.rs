@@ -228,6 +228,7 @@ impl Proxy {
         let mut ok = true;
         let families = self.settings.families.clone();
         let cfg = self.settings.config.clone();
+        let everything = std::cell::OnceCell::new();
         for family in families {
             let family_started = Instant::now();
             let ctx = Context {
@@ -239,7 +240,10 @@ impl Proxy {
                 continue;
             };
             let cache = &self.cache;
-            let update = table.update(&ctx, &changed, || cache.all());
+            // Both families' full builds read the same list: make it once.
+            let update = table.update(&ctx, &changed, || {
+                everything.get_or_init(|| cache.all()).clone()
+            });
             let planned = family_started.elapsed();
             if let Some(reason) = update.reason {
                 self.metrics.full_resync(reason);

@@ -46,37 +46,18 @@ impl Runtime {
             + Sync
             + 'static,
     {
-        let (reader, writer) = reflector::store();
-        let gate = self.readiness.gate(what);
-        let stream = watcher(api, config)
-            .default_backoff()
+        let (reader, mut writer) = reflector::store();
+        self.watch_events(api, config, what, move |mut event| {
             // managedFields are often the largest part of an object and no
             // component reads them; dropping them keeps caches small.
-            .modify(|obj| obj.managed_fields_mut().clear())
-            .reflect(writer);
-        let changes = self.changes.clone();
-        let store = reader.clone();
-        self.spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            // The gate opens on the stream's own "initial list done" event,
-            // not via `Store::wait_until_ready`: that future wakes only its
-            // most recent waiter, so a second waiter could hang forever.
-            let mut synced = false;
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(watcher::Event::InitDone) if !synced => {
-                        synced = true;
-                        gate.open();
-                        tracing::info!(resource = what, objects = store.state().len(), "cache synced");
-                        changes.notify_one();
-                    }
-                    Ok(_) => changes.notify_one(),
-                    Err(error) => {
-                        tracing::warn!(%error, resource = what, "watch failed; retrying with backoff")
-                    }
-                }
+            match &mut event {
+                watcher::Event::Apply(o)
+                | watcher::Event::Delete(o)
+                | watcher::Event::InitApply(o) => o.managed_fields_mut().clear(),
+                watcher::Event::Init | watcher::Event::InitDone => {}
             }
-            tracing::warn!(resource = what, "watch stream ended");
+            writer.apply_watcher_event(&event);
+            true
         });
         reader
     }
@@ -102,6 +83,9 @@ impl Runtime {
         let changes = self.changes.clone();
         self.spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // The gate opens on the stream's own "initial list done" event,
+            // not via `Store::wait_until_ready`: that future wakes only its
+            // most recent waiter, so a second waiter could hang forever.
             let mut synced = false;
             let mut listed = 0usize;
             while let Some(event) = stream.next().await {
