@@ -128,7 +128,15 @@ async fn main() -> anyhow::Result<()> {
     // Lists served from the API server's watch cache (resourceVersion 0),
     // as kube-proxy's informers list: the watch that follows brings
     // anything newer.
-    let all = || watcher::Config::default().any_semantic();
+    let all = || match std::env::var("FLB_EXP").as_deref() {
+        Ok("stream") => watcher::Config::default().streaming_lists(),
+        Ok("nolimit") => {
+            let mut c = watcher::Config::default().any_semantic();
+            c.page_size = None;
+            c
+        }
+        _ => watcher::Config::default().any_semantic(),
+    };
     let c = cache.clone();
     rt.watch_events(
         Api::<Service>::all(client.clone()),

@@ -230,6 +230,9 @@ fn nl_set(family: Family, table: &str, name: &str, set: &Set) -> NlSet {
     if let Some(t) = set.dynamic_timeout {
         s = s.dynamic().timeout(Duration::from_secs(u64::from(t)));
     }
+    if let Some(c) = set.capacity {
+        s = s.size(c);
+    }
     s
 }
 

@@ -66,6 +66,8 @@ struct State {
     no_local_total: (usize, usize),
     elements: usize,
     chains: usize,
+    /// Elements per set, to keep each under its capacity.
+    counts: HashMap<String, usize>,
 }
 
 /// The table of one family, as we last programmed it.
@@ -137,10 +139,17 @@ impl Programmed {
         all: impl FnOnce() -> Vec<(ServiceKey, Arc<ServiceInputs>)>,
     ) -> Update {
         let family = self.family;
-        let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+        let mut scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
         let Some(state) = self.state.as_mut() else {
             return self.full(ctx, all());
         };
+        // The sets keep the capacities they were built with.
+        for (name, set) in scaffold.sets.iter_mut() {
+            set.capacity = match state.scaffold.sets.get(name) {
+                Some(old) => old.capacity,
+                None => set.sizable().then(|| capacity_for(set.elements.len())),
+            };
+        }
         let Some(mut ops) = diff::diff(&state.scaffold, &scaffold) else {
             return Update {
                 reason: Some("layout-changed"),
@@ -249,6 +258,18 @@ impl Programmed {
         state.elements = state.elements.saturating_add_signed(elements);
         state.chains = state.chains.saturating_add_signed(chains);
         ops.extend(more);
+        count(&mut state.counts, &ops);
+        let full = state.scaffold.sets.iter().any(|(name, set)| {
+            set.capacity
+                .is_some_and(|c| state.counts.get(name).copied().unwrap_or(0) > c as usize)
+        });
+        if full {
+            // The kernel would refuse the adds: rebuild with room to grow.
+            return Update {
+                reason: Some("set-full"),
+                ..self.full(ctx, all())
+            };
+        }
         Update {
             ops: diff::ordered(ops),
             build: None,
@@ -303,8 +324,27 @@ pub fn assemble(
     ctx: &Context<'_>,
     all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
 ) -> Rendered {
-    let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+    let scaffold = sized_scaffold(family, ctx, &all);
     build(family, ctx, scaffold, all)
+}
+
+/// The scaffold for a full build of `all`, each hash set given the
+/// capacity its estimated elements call for.
+fn sized_scaffold(
+    family: Family,
+    ctx: &Context<'_>,
+    all: &[(ServiceKey, Arc<ServiceInputs>)],
+) -> Ruleset {
+    let mut scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+    let estimate = estimate(family, ctx, &scaffold, all);
+    for (name, set) in scaffold.sets.iter_mut() {
+        if set.sizable() {
+            set.capacity = Some(capacity_for(
+                estimate.get(name.as_str()).copied().unwrap_or(0),
+            ));
+        }
+    }
+    scaffold
 }
 
 /// Adds every Service's fragment to `scaffold` in key order.
@@ -348,7 +388,7 @@ impl FullBuild {
         mut all: Vec<(ServiceKey, Arc<ServiceInputs>)>,
     ) -> Self {
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        let scaffold = render::scaffold(family, ctx.cfg, ctx.node, ctx.service_cidrs);
+        let scaffold = sized_scaffold(family, ctx, &all);
         Self {
             family,
             cfg: ctx.cfg.clone(),
@@ -366,6 +406,7 @@ impl FullBuild {
                 no_local: HashMap::new(),
                 no_local_total: (0, 0),
                 chains: 0,
+                counts: HashMap::new(),
             },
             udp: Vec::new(),
         }
@@ -388,7 +429,9 @@ impl Iterator for FullBuild {
     fn next(&mut self) -> Option<Vec<Op>> {
         if !self.started {
             self.started = true;
-            return Some(diff::full(&self.state.scaffold));
+            let ops = diff::full(&self.state.scaffold);
+            count(&mut self.state.counts, &ops);
+            return Some(ops);
         }
         let ctx = Context {
             cfg: &self.cfg,
@@ -454,6 +497,7 @@ impl Iterator for FullBuild {
         }
         for (set, elements) in elements {
             self.state.elements += elements.len();
+            *self.state.counts.entry(set.into()).or_default() += elements.len();
             ops.push(Op::AddElements {
                 set: set.into(),
                 elements,
@@ -461,6 +505,63 @@ impl Iterator for FullBuild {
         }
         // Chains before the rules that jump to them.
         Some(diff::ordered(ops))
+    }
+}
+
+/// The capacity a set of `n` elements is created with: room to double
+/// before a rebuild must make it larger, and never below a floor that
+/// keeps small sets from rebuilding on their first few changes. (The
+/// kernel's fixed hash gives each slot of capacity a bucket head: 2^18,
+/// a 10k x 10 endpoint map, costs 4 MiB.)
+pub fn capacity_for(n: usize) -> u32 {
+    const FLOOR: usize = 1024;
+    let c = n.saturating_mul(2).max(FLOOR).checked_next_power_of_two();
+    c.and_then(|c| u32::try_from(c).ok()).unwrap_or(1 << 31)
+}
+
+/// Elements per set a full build of `all` will hold, at most: every
+/// Service's own, as if no frontend or shared member were claimed twice.
+fn estimate(
+    family: Family,
+    ctx: &Context<'_>,
+    scaffold: &Ruleset,
+    all: &[(ServiceKey, Arc<ServiceInputs>)],
+) -> HashMap<String, usize> {
+    let mut n: HashMap<String, usize> = scaffold
+        .sets
+        .iter()
+        .map(|(name, set)| (name.clone(), set.elements.len()))
+        .collect();
+    for (_, inputs) in all {
+        let frag = fragment(family, ctx, inputs);
+        for members in frag.fronts.values() {
+            for (set, _) in members.keys() {
+                *n.entry((*set).into()).or_default() += 1;
+            }
+        }
+        for (set, _) in &frag.shared {
+            *n.entry((*set).into()).or_default() += 1;
+        }
+    }
+    n
+}
+
+/// Plays the element operations of `ops` on per-set counts.
+fn count(counts: &mut HashMap<String, usize>, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::AddElements { set, elements } => {
+                *counts.entry(set.clone()).or_default() += elements.len();
+            }
+            Op::DeleteElements { set, keys } => {
+                let c = counts.entry(set.clone()).or_default();
+                *c = c.saturating_sub(keys.len());
+            }
+            Op::DeleteSet(set) | Op::AddSet { name: set, .. } => {
+                counts.remove(set);
+            }
+            _ => {}
+        }
     }
 }
 
