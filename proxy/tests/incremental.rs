@@ -200,7 +200,10 @@ fn a_shared_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
         text.contains("198.18.9.1 . tcp . 80 : goto pick-2"),
         "{text}"
     );
-    assert_eq!(without_capacities(live), without_capacities(full_table(&only)));
+    assert_eq!(
+        without_capacities(live),
+        without_capacities(full_table(&only))
+    );
 }
 
 #[test]
@@ -253,5 +256,8 @@ fn a_set_that_would_pass_its_capacity_is_rebuilt_larger() {
     let update = table.update(&ctx, &cache.inputs_of(&changes.services), || cache.all());
     assert!(update.build.is_none(), "{:?}", update.reason);
     diff::apply(&mut live, &update.ops);
-    assert_eq!(without_capacities(live), without_capacities(full_table(&small)));
+    assert_eq!(
+        without_capacities(live),
+        without_capacities(full_table(&small))
+    );
 }

@@ -27,7 +27,7 @@ pub struct Runtime {
     /// kept, so none is lost).
     pub changes: Arc<tokio::sync::Notify>,
     pub(crate) tasks: JoinSet<()>,
-    args: CommonArgs,
+    pub(crate) args: CommonArgs,
 }
 
 impl Runtime {
