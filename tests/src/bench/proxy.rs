@@ -8,9 +8,14 @@
 //!   from the node, and the proxy's RSS once synced;
 //! - one added Service: its create until the first successful connection
 //!   to it (from the node), and the proxy's own programming metric;
-//! - connect latency through a ClusterIP;
+//! - connect latency through a ClusterIP, against connects to a pod
+//!   directly made alternately with them (the control: what the machine's
+//!   state adds to both);
 //! - and once, bulk TCP throughput client -> LB IP -> pod against client ->
-//!   pod directly (iperf3, 10 trials, median).
+//!   pod directly, the latter both with no proxy (no netfilter at all on
+//!   the node) and alternating with the LB trials while each proxy runs
+//!   (iperf3, 12 trials per path, in rounds that alternate which proxy
+//!   goes first, medians).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -77,6 +82,8 @@ struct Figures {
     /// Mean duration of the (IPv4) syncs the added Service caused.
     add_sync: Option<f64>,
     connect_median: Option<Duration>,
+    /// Median connect to a pod directly, alternating with the above.
+    direct_median: Option<Duration>,
 }
 
 pub fn run(scales: &[usize], endpoints: usize, ours_only: bool) -> Result<()> {
@@ -196,7 +203,7 @@ fn run_in(
     );
     for (n, f) in &tables {
         let (ours, theirs) = (&f[0], &f[1]);
-        let rows: [(&str, Option<f64>, Option<f64>, &str); 6] = [
+        let rows: [(&str, Option<f64>, Option<f64>, &str); 7] = [
             (
                 "full sync (start -> last Service answers)",
                 secs(ours.full_sync),
@@ -228,9 +235,15 @@ fn run_in(
                 "ms",
             ),
             (
-                "connect latency through a ClusterIP (median)",
+                "connect latency through a ClusterIP (median of 2000)",
                 secs(ours.connect_median).map(|s| s * 1e6),
                 secs(theirs.connect_median).map(|s| s * 1e6),
+                "µs",
+            ),
+            (
+                "connect latency to a pod directly (control, alternating)",
+                secs(ours.direct_median).map(|s| s * 1e6),
+                secs(theirs.direct_median).map(|s| s * 1e6),
                 "µs",
             ),
         ];
@@ -245,43 +258,68 @@ fn run_in(
         }
     }
     table.print();
-    if let Some((ours, theirs, direct)) = throughput {
+    if let Some(tp) = throughput {
         let mut t = Table::new(
-            "Bulk TCP throughput, client -> LB IP -> pod against client -> pod (iperf3, 10 trials of 3 s, medians)",
-            &["path", "Gbit/s", "ratio to direct"],
+            "Bulk TCP throughput, client -> LB IP -> pod against client -> pod (iperf3, 12 trials of 3 s after 1 s of slow start per path, 6 rounds alternating the proxies' order, medians)",
+            &[
+                "path",
+                "Gbit/s",
+                "ratio to direct, no proxy",
+                "ratio to direct, this proxy running",
+            ],
         );
         t.row(&[
-            "client -> pod directly".into(),
-            format!("{direct:.2}"),
-            "1.00".into(),
+            "client -> pod directly, no proxy (no netfilter on the node)".into(),
+            format!("{:.2}", tp.direct),
+            "1.000".into(),
+            "-".into(),
         ]);
-        t.row(&[
-            "via FerroLB".into(),
-            format!("{ours:.2}"),
-            format!("{:.3}", ours / direct),
-        ]);
-        t.row(&[
-            "via kube-proxy".into(),
-            format!("{theirs:.2}"),
-            format!("{:.3}", theirs / direct),
-        ]);
+        for (name, via, beside) in [
+            ("FerroLB", tp.ours, tp.ours_direct),
+            ("kube-proxy", tp.theirs, tp.theirs_direct),
+        ] {
+            t.row(&[
+                format!("client -> pod directly, {name} running"),
+                format!("{beside:.2}"),
+                format!("{:.3}", beside / tp.direct),
+                "1.000".into(),
+            ]);
+            t.row(&[
+                format!("client -> LB IP -> pod via {name}"),
+                format!("{via:.2}"),
+                format!("{:.3}", via / tp.direct),
+                format!("{:.3}", via / beside),
+            ]);
+        }
         t.print();
     }
-    // Connect latency at the smallest against the largest scale.
+    // Connect latency at the smallest against the largest scale: as
+    // measured, and divided by the control's own ratio (the direct connects
+    // made alternately with them see the same machine, not the table).
     if let (Some((_, small)), Some((big_n, big))) = (tables.first(), tables.last()) {
         let mut t = Table::new(
-            "Connect latency ratio, largest scale / smallest scale",
-            &["proxy", "ratio"],
+            &format!("Connect latency ratio, {big_n} Services / the smallest scale"),
+            &[
+                "proxy",
+                "through the ClusterIP",
+                "direct (control)",
+                "ClusterIP / control",
+            ],
         );
         for (i, peer) in [Peer::FerroLb, Peer::KubeProxy].iter().enumerate() {
-            let r = match (small[i].connect_median, big[i].connect_median) {
-                (Some(a), Some(b)) => format!(
-                    "{:.3} ({big_n} Services)",
-                    b.as_secs_f64() / a.as_secs_f64()
-                ),
-                _ => "-".into(),
+            let r = |f: fn(&Figures) -> Option<Duration>| match (f(&small[i]), f(&big[i])) {
+                (Some(a), Some(b)) => Some(b.as_secs_f64() / a.as_secs_f64()),
+                _ => None,
             };
-            t.row(&[peer.name().into(), r]);
+            let (through, direct) = (r(|f| f.connect_median), r(|f| f.direct_median));
+            let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+            let normalised = through.zip(direct).map(|(a, b)| a / b);
+            t.row(&[
+                peer.name().into(),
+                show(through),
+                show(direct),
+                show(normalised),
+            ]);
         }
         t.print();
     }
@@ -602,19 +640,29 @@ fn measure(
         f.add_sync = Some((s1 - s0) / (c1 - c0));
     }
 
-    // Connect latency through the probe ClusterIP.
+    // Connect latency through the probe ClusterIP, alternating with
+    // connects to one of its pods directly.
+    let direct = SocketAddr::from((pods[0].1, 8080));
     let out = Command::new("ip")
         .args(["netns", "exec", &node_netns()])
         .arg(std::env::current_exe()?)
-        .args(["connect-latency", &format!("{probe}:80"), "--count", "300"])
+        .args([
+            "connect-latency",
+            &format!("{probe}:80"),
+            &direct.to_string(),
+        ])
         .output()?;
-    if out.status.success() {
-        f.connect_median = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .map(Duration::from_micros);
-    }
+    ensure!(
+        out.status.success(),
+        "connect-latency: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut medians = text
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().ok().map(Duration::from_nanos));
+    f.connect_median = medians.next().flatten();
+    f.direct_median = medians.next().flatten();
 
     match (peer, child) {
         (Peer::FerroLb, _) => stop_ferrolb(lab)?,
@@ -632,12 +680,25 @@ fn unix_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// Client -> LB IP -> pod (through each proxy) against client -> pod.
+/// Medians of the throughput trials, Gbit/s.
+struct Throughput {
+    /// Client -> pod with no proxy: no table on the node, so no conntrack.
+    direct: f64,
+    ours: f64,
+    /// Client -> pod while our proxy runs (its table turns conntrack on
+    /// for every forwarded packet, as any kube-proxy does).
+    ours_direct: f64,
+    theirs: f64,
+    theirs_direct: f64,
+}
+
+/// Client -> LB IP -> pod (through each proxy) against client -> pod, the
+/// latter with no proxy and beside each proxy.
 fn measure_throughput(
     lab: &Lab,
     kube_proxy: &Path,
     pods: &[(String, Ipv4Addr)],
-) -> Result<(f64, f64, f64)> {
+) -> Result<Throughput> {
     let lb = lab
         .kubectl_ok(&[
             "get",
@@ -665,7 +726,10 @@ fn measure_throughput(
     let trial = |target: &str| -> Result<f64> {
         let out = lab.exec(
             "client",
-            &["iperf3", "-c", target, "-p", "5201", "-t", "3", "-J"],
+            // The first second (slow start) is left out of the figure.
+            &[
+                "iperf3", "-c", target, "-p", "5201", "-t", "3", "-O", "1", "-J",
+            ],
         )?;
         ensure!(
             out.status.success(),
@@ -682,20 +746,61 @@ fn measure_throughput(
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    say("throughput: client -> pod directly");
-    let direct = median((0..10).map(|_| trial(&direct_ip)).collect::<Result<_>>()?);
-    say("throughput: via FerroLB");
-    start_ferrolb(lab)?;
-    wait_reachable(lab, &lb)?;
-    let ours = median((0..10).map(|_| trial(&lb)).collect::<Result<_>>()?);
-    stop_ferrolb(lab)?;
-    say("throughput: via kube-proxy");
-    let c = start_kube_proxy(lab, kube_proxy)?;
-    wait_reachable(lab, &lb)?;
-    let theirs = median((0..10).map(|_| trial(&lb)).collect::<Result<_>>()?);
-    stop_kube_proxy(c, kube_proxy)?;
+    // Rounds of two trials per path; which proxy goes first alternates
+    // (A B, B A, ...), so a drift of the machine over the minutes this
+    // takes weighs on both alike, and the direct path is measured in every
+    // round beside them.
+    const ROUNDS: usize = 6;
+    let mut direct = Vec::new();
+    let (mut ours, mut ours_direct) = (Vec::new(), Vec::new());
+    let (mut theirs, mut theirs_direct) = (Vec::new(), Vec::new());
+    // With a proxy running: through the LB IP and straight to the pod,
+    // alternately.
+    let beside = |via: &mut Vec<f64>, straight: &mut Vec<f64>| -> Result<()> {
+        for _ in 0..2 {
+            via.push(trial(&lb)?);
+            straight.push(trial(&direct_ip)?);
+        }
+        Ok(())
+    };
+    for round in 0..ROUNDS {
+        say(&format!("throughput: round {}/{ROUNDS}", round + 1));
+        direct.push(trial(&direct_ip)?);
+        direct.push(trial(&direct_ip)?);
+        let order = if round % 2 == 0 {
+            [Peer::FerroLb, Peer::KubeProxy]
+        } else {
+            [Peer::KubeProxy, Peer::FerroLb]
+        };
+        for peer in order {
+            match peer {
+                Peer::FerroLb => {
+                    start_ferrolb(lab)?;
+                    wait_reachable(lab, &lb)?;
+                    beside(&mut ours, &mut ours_direct)?;
+                    stop_ferrolb(lab)?;
+                }
+                Peer::KubeProxy => {
+                    let c = start_kube_proxy(lab, kube_proxy)?;
+                    wait_reachable(lab, &lb)?;
+                    beside(&mut theirs, &mut theirs_direct)?;
+                    stop_kube_proxy(c, kube_proxy)?;
+                }
+            }
+        }
+    }
+    say(&format!(
+        "throughput trials (Gbit/s): direct, no proxy {direct:.2?}; FerroLB {ours:.2?}, direct beside it {ours_direct:.2?}; kube-proxy {theirs:.2?}, direct beside it {theirs_direct:.2?}"
+    ));
+    let result = Throughput {
+        direct: median(direct),
+        ours: median(ours),
+        ours_direct: median(ours_direct),
+        theirs: median(theirs),
+        theirs_direct: median(theirs_direct),
+    };
     let _ = lab.exec("client", &["ip", "route", "del", &format!("{lb}/32")]);
-    Ok((ours, theirs, direct))
+    Ok(result)
 }
 
 fn wait_reachable(lab: &Lab, ip: &str) -> Result<()> {
@@ -730,17 +835,51 @@ pub fn probe_connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
     bail!("no connection to {addr} within {timeout:?}")
 }
 
-/// `connect-latency`: the median time of `count` TCP connects to `addr`,
-/// in microseconds.
-pub fn connect_latency(addr: SocketAddr, count: usize) -> Result<()> {
-    let mut times = Vec::with_capacity(count);
-    for _ in 0..count {
-        let t = Instant::now();
-        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        times.push(t.elapsed());
-        drop(s);
+/// `connect-latency`: the median times of `count` TCP connects to `addr`
+/// and `count` to `control`, made alternately so that both see the same
+/// moments of the machine; prints both medians in nanoseconds.
+pub fn connect_latency(addr: SocketAddr, control: SocketAddr, count: usize) -> Result<()> {
+    ensure!(count > 0, "--count must be positive");
+    // A connect whose SYN was lost (a busy 2-core machine drops one now
+    // and then) takes a retransmission: a sample like any other, up to a
+    // bound; only one that fails outright is retried, and many failures end
+    // the run.
+    let mut failures = 0usize;
+    let mut connect = |to: SocketAddr| -> Result<Duration> {
+        loop {
+            let t = Instant::now();
+            match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+                Ok(s) => {
+                    let took = t.elapsed();
+                    drop(s);
+                    return Ok(took);
+                }
+                Err(e) => {
+                    failures += 1;
+                    ensure!(
+                        failures <= count / 100 + 1,
+                        "{failures} connects failed, the last to {to}: {e}"
+                    );
+                }
+            }
+        }
+    };
+    let (mut through, mut direct) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    // A few of each first: the first connects of a run pay for cold caches.
+    for _ in 0..20 {
+        connect(addr)?;
+        connect(control)?;
     }
-    times.sort();
-    println!("{}", times[times.len() / 2].as_micros());
+    for _ in 0..count {
+        through.push(connect(addr)?);
+        direct.push(connect(control)?);
+    }
+    through.sort();
+    direct.sort();
+    println!(
+        "{} {}",
+        through[count / 2].as_nanos(),
+        direct[count / 2].as_nanos()
+    );
     Ok(())
 }

@@ -72,11 +72,13 @@ enum What {
         #[arg(long, default_value_t = 60000)]
         timeout_ms: u64,
     },
-    /// (internal) median TCP connect time in microseconds.
+    /// (internal) median TCP connect times (ns) to `addr` and to
+    /// `control`, connects to the two alternating.
     #[command(hide = true)]
     ConnectLatency {
         addr: std::net::SocketAddr,
-        #[arg(long, default_value_t = 300)]
+        control: std::net::SocketAddr,
+        #[arg(long, default_value_t = 2000)]
         count: usize,
     },
     /// (internal) the proxy's cache, full build and one update in this
@@ -112,9 +114,11 @@ fn main() -> Result<()> {
         What::ProbeConnect { addr, timeout_ms } => {
             ferrolb_lab::bench::proxy::probe_connect(addr, Duration::from_millis(timeout_ms))
         }
-        What::ConnectLatency { addr, count } => {
-            ferrolb_lab::bench::proxy::connect_latency(addr, count)
-        }
+        What::ConnectLatency {
+            addr,
+            control,
+            count,
+        } => ferrolb_lab::bench::proxy::connect_latency(addr, control, count),
         What::ProxyCore {
             services,
             endpoints,
