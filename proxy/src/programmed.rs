@@ -64,9 +64,9 @@ struct State {
     health: BTreeMap<ServiceKey, HealthCheck>,
     no_local: HashMap<ServiceKey, (usize, usize)>,
     no_local_total: (usize, usize),
-    elements: usize,
     chains: usize,
-    /// Elements per set, to keep each under its capacity.
+    /// Elements per set (their sum is the table's), to keep each under its
+    /// capacity.
     counts: HashMap<String, usize>,
 }
 
@@ -156,8 +156,6 @@ impl Programmed {
                 ..self.full(ctx, all())
             };
         };
-        state.elements = (state.elements + scaffold.element_count())
-            .saturating_sub(state.scaffold.element_count());
         state.scaffold = scaffold;
         let mut delta = Delta::default();
         let mut udp = Vec::new();
@@ -254,8 +252,7 @@ impl Programmed {
                 None => state.services.remove(key),
             };
         }
-        let (more, elements, chains) = delta.into_ops();
-        state.elements = state.elements.saturating_add_signed(elements);
+        let (more, chains) = delta.into_ops();
         state.chains = state.chains.saturating_add_signed(chains);
         ops.extend(more);
         count(&mut state.counts, &ops);
@@ -300,9 +297,9 @@ impl Programmed {
 
     /// (chains, elements) of the table, for the ruleset-size metrics.
     pub fn size(&self) -> (usize, usize) {
-        self.state
-            .as_ref()
-            .map_or((0, 0), |s| (s.chains + s.scaffold.chains.len(), s.elements))
+        self.state.as_ref().map_or((0, 0), |s| {
+            (s.chains + s.scaffold.chains.len(), s.counts.values().sum())
+        })
     }
 
     /// The whole table as a value (for `--print-ruleset` and tests).
@@ -396,7 +393,6 @@ impl FullBuild {
             pending: all.into_iter(),
             started: false,
             state: State {
-                elements: scaffold.element_count(),
                 scaffold,
                 services: HashMap::new(),
                 fronts: HashMap::new(),
@@ -496,7 +492,6 @@ impl Iterator for FullBuild {
             return None;
         }
         for (set, elements) in elements {
-            self.state.elements += elements.len();
             *self.state.counts.entry(set.into()).or_default() += elements.len();
             ops.push(Op::AddElements {
                 set: set.into(),
@@ -704,8 +699,9 @@ impl Delta {
             .or_insert((before, after));
     }
 
-    /// The operations, and the change in the number of elements and chains.
-    fn into_ops(self) -> (Vec<Op>, isize, isize) {
+    /// The operations, and the change in the number of chains (elements
+    /// are counted from the operations, per set).
+    fn into_ops(self) -> (Vec<Op>, isize) {
         let mut ops = Vec::new();
         let mut sets: Vec<_> = self.sets.into_iter().filter(|(_, (b, a))| b != a).collect();
         sets.sort_by(|a, b| a.0.cmp(&b.0));
@@ -750,17 +746,14 @@ impl Delta {
         }
         let mut gone: BTreeMap<&'static str, Vec<Vec<Value>>> = BTreeMap::new();
         let mut added: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
-        let mut element_delta = 0isize;
         for ((set, key), (before, after)) in self.elements {
             if before == after {
                 continue;
             }
             if before.is_some() {
-                element_delta -= 1;
                 gone.entry(set).or_default().push(key.clone());
             }
             if let Some(data) = after {
-                element_delta += 1;
                 added.entry(set).or_default().push((key, data));
             }
         }
@@ -778,6 +771,6 @@ impl Delta {
                 elements,
             });
         }
-        (ops, element_delta, chain_delta)
+        (ops, chain_delta)
     }
 }

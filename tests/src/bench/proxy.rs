@@ -59,8 +59,40 @@ fn background_ip(i: usize) -> Ipv4Addr {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
-    FerroLb,
-    KubeProxy,
+    FerroLb = 0,
+    KubeProxy = 1,
+}
+
+/// One proxy running on the lab's node.
+enum Running {
+    FerroLb(u32),
+    KubeProxy(Child),
+}
+
+impl Running {
+    fn start(lab: &Lab, peer: Peer, kube_proxy: &Path) -> Result<Self> {
+        Ok(match peer {
+            Peer::FerroLb => Running::FerroLb(start_ferrolb(lab)?),
+            Peer::KubeProxy => Running::KubeProxy(start_kube_proxy(lab, kube_proxy)?),
+        })
+    }
+
+    /// The proxy's own pid (`ip netns exec` execs in place).
+    fn pid(&self) -> u32 {
+        match self {
+            Running::FerroLb(pid) => *pid,
+            Running::KubeProxy(child) => child.id(),
+        }
+    }
+
+    /// Stops it and removes its tables, as an operator switching proxies
+    /// would.
+    fn stop(self, lab: &Lab, kube_proxy: &Path) -> Result<()> {
+        match self {
+            Running::FerroLb(_) => stop_ferrolb(lab),
+            Running::KubeProxy(child) => stop_kube_proxy(child, kube_proxy),
+        }
+    }
 }
 
 impl Peer {
@@ -578,13 +610,8 @@ fn measure(
     let last = background_ip(n - 1);
     let prober = spawn_probe(last, Duration::from_secs(1200))?;
     let t0 = unix_nanos();
-    let (pid, child) = match peer {
-        Peer::FerroLb => (start_ferrolb(lab)?, None),
-        Peer::KubeProxy => {
-            let c = start_kube_proxy(lab, kube_proxy)?;
-            (c.id(), Some(c))
-        }
-    };
+    let running = Running::start(lab, peer, kube_proxy)?;
+    let pid = running.pid();
     {
         let _t = Ticker::start("waiting for the full sync");
         f.full_sync = probe_result(prober, t0)?;
@@ -664,11 +691,7 @@ fn measure(
     f.connect_median = medians.next().flatten();
     f.direct_median = medians.next().flatten();
 
-    match (peer, child) {
-        (Peer::FerroLb, _) => stop_ferrolb(lab)?,
-        (Peer::KubeProxy, Some(c)) => stop_kube_proxy(c, kube_proxy)?,
-        (Peer::KubeProxy, None) => bail!("kube-proxy was not started"),
-    }
+    running.stop(lab, kube_proxy)?;
     say(&format!("{} at {n}: {f:?}", peer.name()));
     Ok(f)
 }
@@ -752,17 +775,10 @@ fn measure_throughput(
     // round beside them.
     const ROUNDS: usize = 6;
     let mut direct = Vec::new();
-    let (mut ours, mut ours_direct) = (Vec::new(), Vec::new());
-    let (mut theirs, mut theirs_direct) = (Vec::new(), Vec::new());
-    // With a proxy running: through the LB IP and straight to the pod,
-    // alternately.
-    let beside = |via: &mut Vec<f64>, straight: &mut Vec<f64>| -> Result<()> {
-        for _ in 0..2 {
-            via.push(trial(&lb)?);
-            straight.push(trial(&direct_ip)?);
-        }
-        Ok(())
-    };
+    // Per proxy (FerroLB, kube-proxy), with it running: through the LB IP
+    // and straight to the pod, alternately.
+    let mut via: [Vec<f64>; 2] = Default::default();
+    let mut beside: [Vec<f64>; 2] = Default::default();
     for round in 0..ROUNDS {
         say(&format!("throughput: round {}/{ROUNDS}", round + 1));
         direct.push(trial(&direct_ip)?);
@@ -773,22 +789,18 @@ fn measure_throughput(
             [Peer::KubeProxy, Peer::FerroLb]
         };
         for peer in order {
-            match peer {
-                Peer::FerroLb => {
-                    start_ferrolb(lab)?;
-                    wait_reachable(lab, &lb)?;
-                    beside(&mut ours, &mut ours_direct)?;
-                    stop_ferrolb(lab)?;
-                }
-                Peer::KubeProxy => {
-                    let c = start_kube_proxy(lab, kube_proxy)?;
-                    wait_reachable(lab, &lb)?;
-                    beside(&mut theirs, &mut theirs_direct)?;
-                    stop_kube_proxy(c, kube_proxy)?;
-                }
+            let i = peer as usize;
+            let running = Running::start(lab, peer, kube_proxy)?;
+            wait_reachable(lab, &lb)?;
+            for _ in 0..2 {
+                via[i].push(trial(&lb)?);
+                beside[i].push(trial(&direct_ip)?);
             }
+            running.stop(lab, kube_proxy)?;
         }
     }
+    let [ours, theirs] = via;
+    let [ours_direct, theirs_direct] = beside;
     say(&format!(
         "throughput trials (Gbit/s): direct, no proxy {direct:.2?}; FerroLB {ours:.2?}, direct beside it {ours_direct:.2?}; kube-proxy {theirs:.2?}, direct beside it {theirs_direct:.2?}"
     ));
